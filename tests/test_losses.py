@@ -1,0 +1,192 @@
+"""Tests for rlhf_lightning.losses: values worked out by hand, checked against naive code."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_lightning.losses import (
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    pairwise_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_loss,
+    simpo_loss,
+)
+
+LOG_1P_EXP_M1 = 0.3132617  # -log sigmoid(1) = log(1 + e^-1)
+
+
+def _assert_detached_scalars(metrics):
+    for name, value in metrics.items():
+        assert value.dim() == 0 and not value.requires_grad, name
+
+
+def test_sft_loss_hand_value_and_shift():
+    # uniform logits over V=2 -> every scored token has NLL log 2 = 0.693147
+    logits = torch.zeros(2, 4, 2, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 1, 0], [-100, 1, -100, -100]])  # 2 + 1 scored labels
+    loss, metrics = sft_loss(logits, labels)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert metrics["ntokens"].item() == 3
+    _assert_detached_scalars(metrics)
+    loss.backward()
+    # shift: logits at t predict labels[t+1]; row 1 scores only labels[1], i.e. logits[1, 0]
+    assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[1, 0].abs().sum() > 0
+    assert logits.grad[0, 3].abs().sum() == 0  # last position predicts nothing
+
+
+def test_sft_loss_matches_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 10, generator=g)
+    labels = torch.randint(0, 10, (3, 6), generator=g)
+    labels[0, :3] = -100
+    labels[2, 4:] = -100
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert sft_loss(logits, labels)[0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pairwise_loss_hand_values():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # pair 1: -log sigma(1) = 0.3132617; pair 2: -log sigma(-1) = 1 + 0.3132617 = 1.3132617; mean 0.8132617
+    loss, m = pairwise_loss(rc, rr)
+    assert loss.item() == pytest.approx(0.8132617, rel=1e-6)
+    assert m["accuracy"].item() == 0.5  # 2 > 1 yes, 0 > 1 no
+    assert m["margin"].item() == pytest.approx(0.0)  # (1 + -1) / 2
+    assert m["chosen_mean"].item() == 1.0 and m["rejected_mean"].item() == 1.0
+    _assert_detached_scalars(m)
+    single = pairwise_loss(torch.tensor([2.0]), torch.tensor([1.0]))[0]
+    assert single.item() == pytest.approx(LOG_1P_EXP_M1, rel=1e-6)
+    # margin 1: -log sigma(2 - 1 - 1) = log 2 = 0.693147
+    assert pairwise_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=1.0)[0].item() == pytest.approx(math.log(2))
+    # centering: + 0.01 * (2 + 1)^2 = + 0.09
+    centered = pairwise_loss(torch.tensor([2.0]), torch.tensor([1.0]), center_coef=0.01)[0]
+    assert centered.item() == pytest.approx(LOG_1P_EXP_M1 + 0.09, rel=1e-6)
+
+
+# DPO hand case: pi_c=-1, pi_r=-3, ref_c=-2, ref_r=-2 -> h = (-1+2) - (-3+2) = 2
+DPO_INPUTS = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
+
+
+def test_dpo_loss_hand_value_and_metrics():
+    # beta 0.5: beta*h = 1 -> -log sigma(1) = 0.3132617; rewards 0.5*(+1) and 0.5*(-1)
+    loss, m = dpo_loss(*DPO_INPUTS, beta=0.5)
+    assert loss.item() == pytest.approx(LOG_1P_EXP_M1, rel=1e-6)
+    assert m["chosen_reward"].item() == pytest.approx(0.5)
+    assert m["rejected_reward"].item() == pytest.approx(-0.5)
+    assert m["reward_margin"].item() == pytest.approx(1.0)
+    assert m["reward_accuracy"].item() == 1.0
+    _assert_detached_scalars(m)
+
+
+def test_dpo_label_smoothing():
+    plain = dpo_loss(*DPO_INPUTS, beta=0.5)[0]
+    assert dpo_loss(*DPO_INPUTS, beta=0.5, label_smoothing=0.0)[0].item() == plain.item()
+    # eps 0.1: 0.9 * 0.3132617 + 0.1 * (-log sigma(-1) = 1.3132617) = 0.2819355 + 0.1313262 = 0.4132617
+    smoothed = dpo_loss(*DPO_INPUTS, beta=0.5, label_smoothing=0.1)[0]
+    assert smoothed.item() == pytest.approx(0.4132617, rel=1e-6)
+
+
+def test_dpo_beta_scaling():
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
+    # the loss depends on beta * h only: beta 0.2 with logps equals beta 0.1 with 2 * logps
+    a, ma = dpo_loss(pc, pr, rc, rr, beta=0.2)
+    b, mb = dpo_loss(2 * pc, 2 * pr, 2 * rc, 2 * rr, beta=0.1)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    # implicit rewards are linear in beta
+    m3 = dpo_loss(pc, pr, rc, rr, beta=0.6)[1]
+    assert m3["reward_margin"].item() == pytest.approx(3 * ma["reward_margin"].item(), rel=1e-5)
+    naive = torch.stack([-F.logsigmoid(0.2 * ((pc[i] - rc[i]) - (pr[i] - rr[i]))) for i in range(5)]).mean()
+    assert a.item() == pytest.approx(naive.item(), rel=1e-6)
+
+
+def test_ipo_and_hinge_hand_values():
+    # IPO, h = 2: beta 0.5 -> (2 - 1/(2*0.5))^2 = (2 - 1)^2 = 1; beta 0.25 -> (2 - 2)^2 = 0
+    assert ipo_loss(*DPO_INPUTS, beta=0.5)[0].item() == pytest.approx(1.0)
+    assert ipo_loss(*DPO_INPUTS, beta=0.25)[0].item() == pytest.approx(0.0)
+    # hinge, h = 2: beta 0.1 -> relu(1 - 0.2) = 0.8; beta 1 -> relu(1 - 2) = 0
+    assert hinge_loss(*DPO_INPUTS, beta=0.1)[0].item() == pytest.approx(0.8)
+    loss, m = hinge_loss(*DPO_INPUTS, beta=1.0)
+    assert loss.item() == 0.0 and m["reward_margin"].item() == pytest.approx(2.0)  # 1*(1) - 1*(-1)
+
+
+def test_simpo_hand_value():
+    # beta 2, gamma 0.5, pi_c=-0.5, pi_r=-1: 2*(0.5) - 0.5 = 0.5 -> log(1 + e^-0.5) = 0.4740770
+    loss, m = simpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(0.4740770, rel=1e-6)
+    assert m["chosen_reward"].item() == -1.0 and m["rejected_reward"].item() == -2.0  # beta * pi
+    # reference log-probs are ignored
+    with_ref = simpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), torch.tensor([5.0]), torch.tensor([-5.0]))[0]
+    assert with_ref.item() == loss.item()
+
+
+def test_preference_loss_attributes():
+    assert simpo_loss.reference_free is True and simpo_loss.length_normalized is True
+    for fn in (dpo_loss, ipo_loss, hinge_loss):
+        assert fn.reference_free is False and fn.length_normalized is False
+
+
+def _ppo_policy_case():
+    # four masked tokens (eps 0.2) and one padded token with an absurd log-ratio
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.0]])
+    logprobs = torch.log(ratio)
+    logprobs[0, 4] = 100.0  # exp(100) = inf in float32: must not leak into loss or grad
+    old = torch.zeros(1, 5)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    return logprobs.requires_grad_(), old, adv, mask
+
+
+def test_ppo_policy_loss_both_clip_sides():
+    logprobs, old, adv, mask = _ppo_policy_case()
+    loss, m = ppo_policy_loss(logprobs, old, adv, mask, clip_range=0.2)
+    # tok0 A=+1 r=1.5: max(-1.5, -1.2) = -1.2 (clipped, above 1+eps)
+    # tok1 A=+1 r=0.5: max(-0.5, -0.8) = -0.5 (unclipped)
+    # tok2 A=-1 r=0.5: max( 0.5,  0.8) =  0.8 (clipped, below 1-eps)
+    # tok3 A=-1 r=1.5: max( 1.5,  1.2) =  1.5 (unclipped)
+    # mean = (-1.2 - 0.5 + 0.8 + 1.5) / 4 = 0.15
+    assert loss.item() == pytest.approx(0.15, rel=1e-5)
+    assert m["clipfrac"].item() == pytest.approx(0.5)  # tok0 and tok2
+    assert m["ratio_mean"].item() == pytest.approx(1.0)  # (1.5 + 0.5 + 0.5 + 1.5) / 4
+    assert m["ratio_max"].item() == pytest.approx(1.5)
+    # k3: r=1.5 -> 0.5 - log 1.5 = 0.0945349; r=0.5 -> -0.5 + log 2 = 0.1931472; mean 0.1438410
+    assert m["approx_kl"].item() == pytest.approx(0.1438410, rel=1e-5)
+    _assert_detached_scalars(m)
+    loss.backward()
+    # d/dlogp of -A r / 4 = -A r / 4 on unclipped tokens, 0 on clipped and padded ones
+    expected_grad = torch.tensor([[0.0, -0.5 / 4, 0.0, 1.5 / 4, 0.0]])
+    assert torch.allclose(logprobs.grad, expected_grad, atol=1e-6)
+
+
+def test_ppo_policy_loss_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([[1.0, -3.0, 2.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    lp = torch.randn(2, 3)
+    loss, m = ppo_policy_loss(lp, lp.clone(), adv, mask)
+    assert loss.item() == pytest.approx(-(1 - 3 + 2 + 4) / 4)  # token mean over 4 masked tokens = -1
+    assert m["clipfrac"].item() == 0.0 and m["approx_kl"].item() == 0.0
+
+
+def test_ppo_value_loss_both_clip_sides():
+    old = torch.zeros(1, 5)
+    values = torch.tensor([[1.0, -1.0, 0.1, 1.0, 7.0]])
+    returns = torch.tensor([[1.0, -1.0, 1.0, 0.0, -7.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    # c = 0.2, v_clip = clip(v, -0.2, 0.2) since old = 0
+    # tok0 v=1,   R=1:  (0)^2 vs (0.2-1)^2 = 0.64 -> 0.64 (clipped, upper side)
+    # tok1 v=-1,  R=-1: (0)^2 vs (-0.2+1)^2 = 0.64 -> 0.64 (clipped, lower side)
+    # tok2 v=0.1, R=1:  0.81 vs 0.81 -> 0.81 (equal: not counted as clipped)
+    # tok3 v=1,   R=0:  1 vs 0.04 -> 1 (unclipped)
+    # loss = 0.5 * (0.64 + 0.64 + 0.81 + 1) / 4 = 0.38625
+    loss, m = ppo_value_loss(values, old, returns, mask, clip_range_value=0.2)
+    assert loss.item() == pytest.approx(0.38625, rel=1e-5)
+    assert m["vf_clipfrac"].item() == pytest.approx(0.5)
+    _assert_detached_scalars(m)
+    # no clipping: 0.5 * (0 + 0 + 0.81 + 1) / 4 = 0.22625
+    loss, m = ppo_value_loss(values, old, returns, mask, clip_range_value=None)
+    assert loss.item() == pytest.approx(0.22625, rel=1e-5)
+    assert m["vf_clipfrac"].item() == 0.0
