@@ -107,3 +107,7 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
         keep = [t for t, m in zip(ids, mask) if m and t != tokenizer.eos_token_id]
         texts.append(tokenizer.decode(keep, skip_special_tokens=True))
     return texts
+
+
+# Systems store their SamplingConfig in hyperparameters; let checkpoints load with weights_only=True.
+torch.serialization.add_safe_globals([SamplingConfig])

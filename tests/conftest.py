@@ -64,3 +64,25 @@ def tiny_lm(tokenizer, tiny_config):
 
     torch.manual_seed(0)
     return load_causal_lm(None, tokenizer, model_config=tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory):
+    """A working directory laid out like a real one, with everything small.
+
+    ``data/demo`` (a small demo task with its own tokenizer), ``runs/demo/sft/hf`` (a
+    tiny untrained policy export) and ``runs/demo/reward/hf`` (a tiny reward export),
+    so every YAML in ``configs/`` runs unchanged from this directory.
+    """
+    from rlhf_lightning.data.demo import write_demo_data
+    from rlhf_lightning.models import build_reward_model, load_causal_lm, load_tokenizer, save_hf
+
+    root = tmp_path_factory.mktemp("workspace")
+    write_demo_data(root / "data/demo", seed=0, n_sft=64, n_pairs=48, n_val_pairs=16, n_prompts=32, n_heldout=16)
+    tok = load_tokenizer(str(root / "data/demo/tokenizer"))
+    torch.manual_seed(0)
+    policy = load_causal_lm(None, tok, model_config=dict(TINY_MODEL_CONFIG))
+    save_hf(policy, tok, root / "runs/demo/sft/hf")
+    rm = build_reward_model(str(root / "runs/demo/sft/hf"), tok)
+    rm.save_pretrained(root / "runs/demo/reward/hf", tok)
+    return root

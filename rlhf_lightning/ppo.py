@@ -1,0 +1,371 @@
+"""PPO against a frozen reward model (Ziegler et al. 2019; Ouyang et al. 2022), with every known detail.
+
+One ``training_step`` is one PPO iteration over a batch of prompts:
+
+1. **rollout** (no grad): sample responses (left-padded prompts, KV cache, stop at EOS),
+   score query+response with the frozen reward model at the last real token, and take
+   log-probs of the policy and the frozen reference and the critic's values;
+2. **advantages**: per-token KL-penalised rewards with the score at the last token,
+   GAE, whitening across the rollout batch (all ranks);
+3. **learn**: ``ppo_epochs`` passes over shuffled minibatches, gradient accumulation
+   over micro-batches (token-weighted, so 1x8 = 8x1), gradient clipping;
+4. **KL control**: the adaptive controller moves the coefficient towards its target.
+
+``trainer.global_step`` counts optimizer steps (``ppo_epochs`` x minibatches per
+iteration); ``ppo/iteration`` counts iterations.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from rlhf_lightning.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_penalized_rewards,
+    kl_per_token,
+)
+from rlhf_lightning.base import PolicySystem
+from rlhf_lightning.callbacks import log_samples
+from rlhf_lightning.generation import Generation, SamplingConfig, decode_responses, sample_responses
+from rlhf_lightning.logprobs import entropy_from_logits, masked_mean, masked_whiten, token_logprobs
+from rlhf_lightning.losses import ppo_policy_loss, ppo_value_loss
+from rlhf_lightning.models import (
+    ValueHead,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_reward_model,
+    position_ids_from_mask,
+)
+from rlhf_lightning.optim import build_optimization
+from rlhf_lightning.rollout import Rollout, RolloutBuffer
+
+FROZEN_PREFIXES = ("ref_policy.", "reward_model.")
+
+
+class PPOModule(PolicySystem):
+    """PPO for a causal-LM policy; frozen reference and reward model, separate or shared critic."""
+
+    def __init__(
+        self,
+        model: str,
+        reward_model: str,
+        ref_model: str | None = None,
+        critic_model: str | None = None,
+        tokenizer: str | None = None,
+        shared_value_head: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        critic_lr: float | None = None,
+        sampling: SamplingConfig | None = None,
+        ppo_epochs: int = 4,
+        minibatch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        rollout_batches: int = 1,
+        clip_range: float = 0.2,
+        clip_range_value: float | None = 0.2,
+        vf_coef: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        init_kl_coef: float = 0.05,
+        kl_target: float | None = 6.0,
+        kl_horizon: float = 10000.0,
+        kl_estimator: str = "k1",
+        whiten_advantages: bool = True,
+        whiten_rewards: bool = False,
+        normalize_reward: bool = True,
+        missing_eos_penalty: float | None = -1.0,
+        logprob_temperature: float | None = None,
+        disable_dropout: bool = True,
+        sample_log_every_n_steps: int = 10,
+        trust_remote_code: bool = False,
+    ):
+        """
+        Args:
+            model: the policy's starting point (the SFT export).
+            reward_model: the reward-model export (``AutoModelForSequenceClassification``).
+            ref_model: the frozen reference; default: a second copy of ``model``.
+            critic_model: the critic's starting point; default: ``reward_model``.
+            shared_value_head: a zero-initialised value head on the policy instead of a
+                separate critic (saves one model's memory and compute).
+            critic_lr: the critic's learning rate (default: the optimizer's).
+            sampling: rollout sampling settings (``max_new_tokens`` is the response budget).
+            minibatch_size: samples per optimizer step (default: the whole buffer).
+            micro_batch_size: samples per forward/backward (default: the minibatch).
+            rollout_batches: prompt batches collected before each learning phase.
+            kl_target: target KL of the adaptive controller; None for a fixed coefficient.
+            kl_estimator: per-token KL in the reward: ``k1`` (unbiased) or ``k3`` (>= 0).
+            normalize_reward: apply the gain/bias stored in the reward export.
+            missing_eos_penalty: score given to responses that end without EOS; None keeps their score.
+            logprob_temperature: temperature of the recomputed log-probs; default the
+                sampling temperature (anything else makes ratio and KL refer to another policy).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self._setup_common(model, None, tokenizer or model, optimizer, lr_scheduler, trust_remote_code, sampling)
+        self.automatic_optimization = False
+        # Frozen weights are reloaded from their exports, not stored in every checkpoint.
+        self.strict_loading = False
+        self.ref_policy = self.reward_model = self.critic = self.value_head = None
+        self.kl_ctl = (
+            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else FixedKLController(init_kl_coef)
+        )
+        kl_per_token(torch.zeros(1), torch.zeros(1), kl_estimator)  # fail early on a bad estimator name
+        self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
+        self.iteration = 0
+        self.minibatch_generator = torch.Generator()
+        self.update_stats: list[dict[str, torch.Tensor]] = []
+
+    # ----------------------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = self._load_policy()
+        self.ref_policy = freeze(load_causal_lm(hp.ref_model or hp.model, self.tokenizer, trust_remote_code=hp.trust_remote_code))
+        self.reward_model = freeze(load_reward_model(hp.reward_model, normalize=hp.normalize_reward, trust_remote_code=hp.trust_remote_code))
+        if hp.shared_value_head:
+            self.value_head = ValueHead(self.policy.config.hidden_size)
+        else:
+            self.critic = load_reward_model(hp.critic_model or hp.reward_model, normalize=False, trust_remote_code=hp.trust_remote_code)
+        if hp.disable_dropout:
+            for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
+                if m is not None:
+                    disable_dropout(m)
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+        value_module = self.value_head if self.hparams.shared_value_head else self.critic
+        critic_group = {"params": [p for p in value_module.parameters() if p.requires_grad]}
+        if self.hparams.critic_lr is not None:
+            critic_group["lr"] = self.hparams.critic_lr
+        groups.append(critic_group)
+        return build_optimization(self, groups, self.optimizer_factory, self.scheduler_factory)
+
+    @property
+    def temperature(self) -> float:
+        return self.hparams.logprob_temperature or self.sampling.temperature
+
+    def _policy_outputs(self, r: Rollout, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Log-probs (and shared-head values, entropy) of the response tokens of ``r``."""
+        ids = torch.cat([r.query_ids, r.response_ids], dim=1)  # (B, Q+A)
+        mask = torch.cat([r.query_mask, r.response_mask], dim=1)  # (B, Q+A)
+        A = r.response_ids.shape[1]
+        out = self.policy(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=A + 1,  # only the positions that predict response tokens
+            output_hidden_states=self.value_head is not None,
+        )
+        logits = out.logits[:, :-1]  # (B, A, V): position Q-1+t predicts response token t
+        result = {"logprobs": token_logprobs(logits, r.response_ids, self.temperature)}  # (B, A)
+        if with_entropy:
+            result["entropy"] = entropy_from_logits(logits.float() / self.temperature)  # (B, A)
+        if self.value_head is not None:
+            result["values"] = self.value_head(out.hidden_states[-1][:, -A - 1 : -1]).float()  # (B, A)
+        return result
+
+    def _critic_values(self, r: Rollout) -> torch.Tensor:
+        ids = torch.cat([r.query_ids, r.response_ids], dim=1)
+        mask = torch.cat([r.query_mask, r.response_mask], dim=1)
+        A = r.response_ids.shape[1]
+        return self.critic.token_scores(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
+
+    # ----------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, torch.Tensor]]:
+        """Sample and score one batch of prompts; returns the rollout (no advantages yet) and its stats."""
+        t0 = time.perf_counter()
+        q_ids, q_mask = batch["input_ids"], batch["attention_mask"]  # (B, Q)
+        gen = sample_responses(self.policy, q_ids, q_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sampling)
+        t1 = time.perf_counter()
+        r = Rollout(query_ids=q_ids, query_mask=q_mask, response_ids=gen.response_ids, response_mask=gen.response_mask)
+        ids = torch.cat([q_ids, gen.response_ids], dim=1)  # (B, Q+A)
+        mask = torch.cat([q_mask, gen.response_mask], dim=1)  # (B, Q+A)
+        scores = self.reward_model(ids, mask).float()  # (B,) read at the last real token
+        t2 = time.perf_counter()
+        self.policy.eval()  # dropout is off anyway; eval keeps any other train-time behaviour out
+        pol = self._policy_outputs(r, with_entropy=True)
+        r.logprobs = pol["logprobs"]
+        r.values = pol["values"] if self.value_head is not None else self._critic_values(r)
+        ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                              use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
+        r.ref_logprobs = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)  # (B, A)
+        self.policy.train()
+        penalty = self.hparams.missing_eos_penalty
+        r.scores = scores if penalty is None else torch.where(gen.ended, scores, torch.full_like(scores, penalty))
+        m = r.response_mask
+        stats = {
+            "reward_score": scores.mean(),
+            "reward_score_penalized": r.scores.mean(),
+            "entropy": masked_mean(pol["entropy"], m),
+            "response_length": m.sum(-1).float().mean(),
+            "eos_rate": gen.ended.float().mean(),
+            "time_generate": torch.tensor(t1 - t0),
+            "time_score": torch.tensor(time.perf_counter() - t1),
+        }
+        return r, stats
+
+    @torch.no_grad()
+    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """Fill ``rewards``, ``advantages`` and ``returns`` of the buffered rollout."""
+        hp = self.hparams
+        m = r.response_mask
+        distributed = self.trainer.world_size > 1
+        r.rewards = kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, m, self.kl_ctl.value, hp.kl_estimator)
+        if hp.whiten_rewards:
+            r.rewards = masked_whiten(r.rewards, m, shift_mean=False, all_reduce=distributed)
+        r.advantages, r.returns = gae(r.rewards, r.values, m, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            r.advantages = masked_whiten(r.advantages, m, all_reduce=distributed)
+        kl_k1 = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * m).sum(-1)  # (B,) sequence KL
+        kl_k3 = (kl_per_token(r.logprobs, r.ref_logprobs, "k3") * m).sum(-1)  # (B,)
+        return {"kl": kl_k1.mean(), "kl_k3": kl_k3.mean(), "kl_coef": torch.tensor(float(self.kl_ctl.value)),
+                "advantages_mean": masked_mean(r.advantages, m), "returns_mean": masked_mean(r.returns, m),
+                "values_mean": masked_mean(r.values, m)}
+
+    # ----------------------------------------------------------------------------- learning
+    def _clip(self) -> None:
+        if self.hparams.max_grad_norm is None:
+            return
+        value_module = self.value_head if self.value_head is not None else self.critic
+        for module in (self.policy, value_module):  # clipped separately: one model's spike never scales the other
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], self.hparams.max_grad_norm)
+
+    def learn(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """``ppo_epochs`` passes of minibatch updates over the rollout ``r``."""
+        hp = self.hparams
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        mb_size = hp.minibatch_size or r.batch_size
+        micro = hp.micro_batch_size or mb_size
+        totals: dict[str, torch.Tensor] = {}
+        n_updates = 0
+        self.update_stats = []  # per optimizer step, for inspection (the first has ratio exactly 1)
+        buf = RolloutBuffer(self.tokenizer.pad_token_id)
+        buf.add(r)
+        for mb in buf.minibatches(mb_size, epochs=hp.ppo_epochs, generator=self.minibatch_generator):
+            n_tokens = mb.response_mask.sum().clamp_min(1)
+            step_stats: dict[str, torch.Tensor] = {}
+            for start in range(0, mb.batch_size, micro):
+                part = mb.select(range(start, min(start + micro, mb.batch_size)))
+                out = self._policy_outputs(part)
+                values = out["values"] if self.value_head is not None else self._critic_values(part)
+                pg_loss, pg = ppo_policy_loss(out["logprobs"], part.logprobs, part.advantages, part.response_mask, hp.clip_range)
+                vf_loss, vf = ppo_value_loss(values, part.values, part.returns, part.response_mask, hp.clip_range_value)
+                weight = part.response_mask.sum() / n_tokens  # token-weighted accumulation: 1x8 = 8x1
+                self.manual_backward((pg_loss + hp.vf_coef * vf_loss) * weight)
+                for k, v in {**pg, **vf}.items():
+                    step_stats[k] = step_stats.get(k, 0.0) + v * weight
+            for k, v in step_stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            self.update_stats.append(step_stats)
+            self._clip()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            n_updates += 1
+        stats = {k: v / n_updates for k, v in totals.items()}
+        return stats
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout, stats = self.collect_rollout(batch)
+        self.buffer.add(rollout)
+        if self.hparams.rollout_batches > 1 and (batch_idx + 1) % self.hparams.rollout_batches:
+            return  # keep collecting
+        r = self.buffer.all()
+        self.buffer.clear()
+        stats.update(self.compute_advantages(r))
+        t0 = time.perf_counter()
+        stats.update(self.learn(r))
+        stats["time_learn"] = torch.tensor(time.perf_counter() - t0)
+        with torch.no_grad():
+            stats["explained_variance"] = explained_variance(r.values, r.returns, r.response_mask)
+        # The controller sees the KL averaged over every rank's samples.
+        mean_kl = self.trainer.strategy.reduce(stats["kl"].to(self.device), reduce_op="mean")
+        self.kl_ctl.update(float(mean_kl), r.batch_size * self.trainer.world_size)
+        self.iteration += 1
+        stats["iteration"] = torch.tensor(float(self.iteration))
+        self.log_dict({f"ppo/{k}": v.float().to(self.device) for k, v in stats.items()},
+                      on_step=True, prog_bar=False, sync_dist=self.trainer.world_size > 1, batch_size=r.batch_size)
+        self.log("ppo/reward", stats["reward_score"].to(self.device), prog_bar=True, batch_size=r.batch_size)
+        every = self.hparams.sample_log_every_n_steps
+        if every and (self.iteration - 1) % every == 0:
+            self._log_samples(batch, r)
+
+    def _log_samples(self, batch: dict[str, Any], r: Rollout, n: int = 4) -> None:
+        texts = decode_responses(self.tokenizer, Generation(r.response_ids[:n], r.response_mask[:n], r.response_mask[:n].bool().any(-1)))
+        rows = [[self.iteration, p, t, float(s)] for p, t, s in zip(batch["prompts"][:n], texts, r.scores[:n])]
+        log_samples(self.trainer, "ppo/samples", ["iteration", "prompt", "response", "score"], rows)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["ppo_state"] = {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "iteration": self.iteration,
+            "minibatch_generator": self.minibatch_generator.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k, _ in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES) and k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable weights, e.g. {missing[:3]}")
+        state = checkpoint.get("ppo_state")
+        if state is not None:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.iteration = int(state["iteration"])
+            self.minibatch_generator.set_state(state["minibatch_generator"])
+
+    def on_fit_start(self) -> None:
+        # One seed drives everything; each rank offsets it so rollouts differ across ranks.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank
+        if self.iteration == 0:
+            self.minibatch_generator.manual_seed(seed)
+            torch.manual_seed(seed)
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> dict[str, Any]:
+        """Sample held-out prompts and measure proxy score, KL to the reference, length and EOS.
+
+        Returns per-sample lists (``prompts``, ``responses``, ``proxy``, ``kl``, ``length``,
+        ``ended``) so a callback can add a gold reward and aggregate.
+        """
+        gen = sample_responses(self.policy, batch["input_ids"], batch["attention_mask"], self.tokenizer.eos_token_id,
+                               self.tokenizer.pad_token_id, sampling or self.sampling)
+        r = Rollout(batch["input_ids"], batch["attention_mask"], gen.response_ids, gen.response_mask)
+        ids = torch.cat([r.query_ids, r.response_ids], 1)
+        mask = torch.cat([r.query_mask, r.response_mask], 1)
+        was_training = self.policy.training
+        self.policy.eval()
+        logp = self._policy_outputs(r)["logprobs"]
+        self.policy.train(was_training)
+        ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                              use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
+        ref_logp = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)
+        kl = ((logp - ref_logp) * r.response_mask).sum(-1)  # (B,) Monte-Carlo sequence KL
+        return {
+            "prompts": list(batch["prompts"]),
+            "responses": decode_responses(self.tokenizer, gen),
+            "proxy": self.reward_model(ids, mask).float().tolist(),
+            "kl": kl.tolist(),
+            "length": gen.lengths.float().tolist(),
+            "ended": gen.ended.tolist(),
+        }

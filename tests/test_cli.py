@@ -1,0 +1,78 @@
+"""The command line: every config parses and round-trips, runs a fast_dev_run, and DDP on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_lightning.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FIT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in {"predict.yaml", "quickstart.yaml"})
+
+
+def _print_config(config: str, capsys, extra=()) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "-c", config, *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", FIT_CONFIGS + ["predict.yaml"])
+def test_config_print_round_trips(name, capsys, tmp_path):
+    printed = _print_config(str(CONFIGS / name), capsys)
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["class_path"].startswith("rlhf_lightning.")
+    # The tokenizer is given once under data and linked into the model.
+    assert "tokenizer" in parsed["data"]["init_args"]
+    again_file = tmp_path / "printed.yaml"
+    again_file.write_text(printed)
+    assert yaml.safe_load(_print_config(str(again_file), capsys)) == parsed
+
+
+@pytest.mark.parametrize("name", FIT_CONFIGS)
+def test_fast_dev_run_every_stage_config(name, demo_workspace, monkeypatch):
+    monkeypatch.chdir(demo_workspace)
+    cli_main(["fit", "-c", str(CONFIGS / name), "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"])
+    stage = {"sft.yaml": "sft", "reward.yaml": "reward", "dpo.yaml": "dpo", "ppo.yaml": "ppo"}[name]
+    if name != "sft.yaml":  # the sft export is the workspace's input; do not overwrite it
+        assert (demo_workspace / "runs/demo" / stage / "hf" / "config.json").exists()
+
+
+def test_predict_writes_jsonl(demo_workspace, monkeypatch):
+    monkeypatch.chdir(demo_workspace)
+    out = demo_workspace / "runs/demo/pred.jsonl"
+    cli_main(["predict", "-c", str(CONFIGS / "predict.yaml"), "--trainer.enable_progress_bar=false",
+              "--trainer.callbacks.init_args.output=" + str(out),
+              "--model.init_args.sampling.max_new_tokens=4"])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 16  # every held-out prompt of the small workspace
+    assert all({"prompt", "response", "ended_with_eos"} <= set(yaml.safe_load(line)) for line in lines)
+
+
+def test_bad_record_error_names_file_and_line(demo_workspace, monkeypatch, tmp_path):
+    monkeypatch.chdir(demo_workspace)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": " b."}\n{"prompt": "c", "response": " d."}\n{"prompt": "e", \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3:"):
+        cli_main(["fit", "-c", str(CONFIGS / "sft.yaml"), "--trainer.fast_dev_run=1",
+                  f"--data.init_args.train_file={bad}"])
+
+
+@pytest.mark.slow
+def test_sft_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", str(CONFIGS / "sft.yaml"),
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+           "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+           f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks.init_args.dirpath={tmp_path}/hf",
+           '--model.init_args.model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
+           '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}']
+    proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors").exists()

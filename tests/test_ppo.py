@@ -1,0 +1,173 @@
+"""PPO system: rollout invariants, frozen models, EOS handling, checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from rlhf_lightning.data.datamodules import PromptDataModule
+from rlhf_lightning.generation import SamplingConfig
+from rlhf_lightning.models import build_reward_model, load_causal_lm, save_hf
+from rlhf_lightning.ppo import PPOModule
+
+PROMPTS = ["The movie was", "I hated this film", "Review: a fine story", "My thoughts on this movie:",
+           "The music was", "A terrible script", "The acting was", "This film is"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer, tokenizer_dir):
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    root = tmp_path_factory.mktemp("ppo_exports")
+    torch.manual_seed(0)
+    policy = load_causal_lm(None, tokenizer, model_config=dict(TINY_MODEL_CONFIG))
+    save_hf(policy, tokenizer, root / "sft")
+    rm = build_reward_model(str(root / "sft"), tokenizer)
+    rm.save_pretrained(root / "rm", tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
+    return {"sft": str(root / "sft"), "rm": str(root / "rm"), "prompts": str(prompts), "tokenizer": tokenizer_dir}
+
+
+def make(exports, **kw):
+    kw.setdefault("sampling", SamplingConfig(max_new_tokens=8))
+    return PPOModule(model=exports["sft"], reward_model=exports["rm"], tokenizer=exports["tokenizer"], **kw)
+
+
+def make_data(exports, batch_size=4):
+    dm = PromptDataModule(tokenizer=exports["tokenizer"], train_file=exports["prompts"], val_fraction=0.0,
+                          batch_size=batch_size, max_prompt_length=16, eval_file=exports["prompts"])
+    dm.setup("fit")
+    return dm
+
+
+def trainer(tmp_path, **kw):
+    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, max_steps=4,
+                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                default_root_dir=str(tmp_path))
+    return L.Trainer(**{**opts, **kw})
+
+
+def bias_eos(module, bias: float) -> None:
+    """Give the policy's LM head a bias on EOS, to make stopping likely, certain or impossible."""
+    old = module.policy.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[module.tokenizer.eos_token_id] = bias
+    module.policy.lm_head = head
+
+
+def test_first_minibatch_ratio_exactly_one(exports, tmp_path):
+    L.seed_everything(0)
+    module = make(exports, ppo_epochs=2, minibatch_size=2)
+    dm = make_data(exports)
+    trainer(tmp_path, max_steps=4).fit(module, datamodule=dm)  # one iteration: 2 epochs x 2 minibatches
+    first = module.update_stats[0]
+    assert first["ratio_mean"].item() == 1.0
+    assert first["approx_kl"].item() == 0.0
+    assert first["clipfrac"].item() == 0.0
+    # Later minibatches see an updated policy.
+    assert any(s["approx_kl"].item() > 0 for s in module.update_stats[1:])
+
+
+def test_frozen_models_unchanged_trainable_changed(exports, tmp_path):
+    L.seed_everything(0)
+    module = make(exports, ppo_epochs=1)
+    dm = make_data(exports)
+    module.configure_model()
+    before = {name: {k: v.clone() for k, v in getattr(module, name).state_dict().items()}
+              for name in ("policy", "ref_policy", "reward_model", "critic")}
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=dm)
+    for name, changed in (("policy", True), ("critic", True), ("ref_policy", False), ("reward_model", False)):
+        after = getattr(module, name).state_dict()
+        same = all(torch.equal(before[name][k], after[k]) for k in after)
+        assert same != changed, f"{name} should {'change' if changed else 'stay frozen'}"
+    assert not any(p.requires_grad for p in module.ref_policy.parameters())
+    assert not module.reward_model.training and not module.ref_policy.training
+    opt_params = {id(p) for g in module.optimizers().optimizer.param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in module.ref_policy.parameters()}
+    assert not opt_params & {id(p) for p in module.reward_model.parameters()}
+
+
+def test_rollout_masks_after_eos_and_penalises_missing_eos(exports):
+    L.seed_everything(0)
+    module = make(exports, missing_eos_penalty=-3.0, sampling=SamplingConfig(max_new_tokens=6))
+    module.configure_model()
+    dm = make_data(exports, batch_size=8)
+    batch = next(iter(dm.train_dataloader()))
+    bias_eos(module, 4.0)  # an untrained tiny model rarely stops by itself; make some rows stop
+    eos = module.tokenizer.eos_token_id
+    r, stats = module.collect_rollout(batch)
+    ended = (r.response_ids == eos).any(-1)
+    raw = module.reward_model(torch.cat([r.query_ids, r.response_ids], 1), torch.cat([r.query_mask, r.response_mask], 1))
+    assert 0 < ended.sum() < len(ended)  # both cases present
+    assert torch.allclose(r.scores[~ended], torch.full_like(r.scores[~ended], -3.0))
+    assert torch.allclose(r.scores[ended], raw[ended])
+    # Nothing after the first EOS is real.
+    for ids, mask in zip(r.response_ids.tolist(), r.response_mask.tolist()):
+        if eos in ids:
+            k = ids.index(eos)
+            assert mask[: k + 1] == [1] * (k + 1) and not any(mask[k + 1:])
+            assert all(t == module.tokenizer.pad_token_id for t in ids[k + 1:])
+    assert stats["eos_rate"].item() == pytest.approx(ended.float().mean().item())
+
+
+def test_eos_penalty_applies_when_no_eos(exports):
+    L.seed_everything(0)
+    module = make(exports, missing_eos_penalty=-2.0, sampling=SamplingConfig(max_new_tokens=3))
+    module.configure_model()
+    eos = module.tokenizer.eos_token_id
+    batch = next(iter(make_data(exports, 8).train_dataloader()))
+    bias_eos(module, -1e4)  # EOS impossible: every row is penalised
+    r, _ = module.collect_rollout(batch)
+    assert not (r.response_ids == eos).any() and r.response_mask.all()
+    assert torch.all(r.scores == -2.0)
+    bias_eos(module, 1e4)  # EOS certain: a one-token response keeps its reward-model score
+    r, stats = module.collect_rollout(batch)
+    assert r.response_mask.sum(-1).tolist() == [1] * 8 and stats["eos_rate"].item() == 1.0
+    assert torch.all(r.scores != -2.0)
+
+
+def test_shared_value_head_runs_and_starts_at_zero(exports, tmp_path):
+    L.seed_everything(0)
+    module = make(exports, shared_value_head=True, ppo_epochs=1)
+    module.configure_model()
+    assert module.critic is None
+    batch = next(iter(make_data(exports).train_dataloader()))
+    r, _ = module.collect_rollout(batch)
+    assert torch.all(r.values == 0)  # zero-initialised head
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=make_data(exports))
+    assert module.value_head.summary.weight.abs().sum() > 0
+
+
+def test_resume_restores_kl_coef_and_step(exports, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    ckpt_dir = tmp_path / "ckpt"
+    module = make(exports, ppo_epochs=1, kl_target=0.01, kl_horizon=10)
+    t = trainer(tmp_path, max_steps=3, enable_checkpointing=True,
+                callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1)])
+    t.fit(module, datamodule=make_data(exports))
+    kl_coef, iteration = module.kl_ctl.value, module.iteration
+    assert kl_coef != 0.05 and iteration == 3
+    ckpt = next(ckpt_dir.glob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith(("ref_policy.", "reward_model.")) for k in saved["state_dict"])
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(kl=pl_module.kl_ctl.value, iteration=pl_module.iteration, step=trainer.global_step)
+
+    resumed = make(exports, ppo_epochs=1, kl_target=0.01, kl_horizon=10)
+    t2 = trainer(tmp_path, max_steps=5, callbacks=[Probe()])
+    t2.fit(resumed, datamodule=make_data(exports), ckpt_path=str(ckpt))
+    assert seen == {"kl": kl_coef, "iteration": 3, "step": 3}  # continues where it stopped
+    assert resumed.iteration == 5 and t2.global_step == 5
+    assert resumed.kl_ctl.value != kl_coef  # and the controller kept adapting
