@@ -87,6 +87,7 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
     Weights & Biases gets a table, TensorBoard a markdown text; the JSONL file in the
     run directory works with any logger (or none).
     """
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -96,7 +97,7 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
             header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body = "".join("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n" for row in rows)
             logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
-    path = Path(trainer.log_dir or trainer.default_root_dir) / "samples.jsonl"
+    path = Path(log_dir or trainer.default_root_dir) / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for row in rows:

@@ -171,3 +171,23 @@ def test_resume_restores_kl_coef_and_step(exports, tmp_path):
     assert seen == {"kl": kl_coef, "iteration": 3, "step": 3}  # continues where it stopped
     assert resumed.iteration == 5 and t2.global_step == 5
     assert resumed.kl_ctl.value != kl_coef  # and the controller kept adapting
+
+
+@pytest.mark.slow
+def test_ppo_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "ppo.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", str(config),
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+           "--trainer.max_steps=8", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+           "--data.init_args.batch_size=4", "--model.init_args.minibatch_size=2",
+           "--model.init_args.sampling.max_new_tokens=6", "--data.init_args.val_batch_size=8"]
+    proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = (demo_workspace / "runs/demo/ppo/logs/metrics.csv").read_text()
+    assert "ppo/kl_coef" in metrics and "eval/gold_reward" in metrics
