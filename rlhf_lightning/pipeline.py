@@ -139,7 +139,7 @@ class Pipeline:
         args = ["fit", "-c", str(config_file)]
         last = stage_dir / "checkpoints" / "last.ckpt"
         if resume and last.exists():
-            log.warning("%s: resuming from %s", stage, last)
+            print(f"    resuming {stage} from {last}", flush=True)
             args += ["--ckpt_path", str(last)]
         cli = cli_main(args)
         if cli.trainer.interrupted or not (self.export(stage) / "config.json").exists():
@@ -181,10 +181,14 @@ class Pipeline:
                 continue
             print(f"=== {banner} ===", flush=True)
             t0 = time.perf_counter()
-            if stage in TRAINING_STAGES:
-                self.run_training(stage, resume)
-            else:
-                getattr(self, f"run_{stage}")()
+            try:
+                if stage in TRAINING_STAGES:
+                    self.run_training(stage, resume)
+                else:
+                    getattr(self, f"run_{stage}")()
+            except BaseException:
+                print(f"=== stage {stage} stopped; run the same command with --resume to continue ===", flush=True)
+                raise
             seconds = time.perf_counter() - t0
             self.state["stages"][stage] = {"status": "done", "seconds": round(seconds, 1)}
             self._save_state()
