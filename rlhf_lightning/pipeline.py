@@ -25,6 +25,7 @@ STAGES = ("data", "sft", "reward", "ppo", "dpo", "evaluate", "report")
 TRAINING_STAGES = ("sft", "reward", "ppo", "dpo")
 # Prefixes the stage configs use for their inputs and outputs; the pipeline moves both into run_dir.
 DATA_PREFIX, RUNS_PREFIX = "data/demo/", "runs/demo/"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout holding configs/
 
 
 def _rewrite(value: Any, mapping: dict[str, str]) -> Any:
@@ -97,7 +98,10 @@ class Pipeline:
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         spec = self.cfg["stages"][stage]
-        cfg = yaml.safe_load(Path(spec["config"]).read_text())
+        config_path = Path(spec["config"])
+        if not config_path.exists() and (PACKAGE_ROOT / config_path).exists():
+            config_path = PACKAGE_ROOT / config_path  # configs/... from another directory (a notebook, say)
+        cfg = yaml.safe_load(config_path.read_text())
         cfg = _rewrite(cfg, {DATA_PREFIX: str(self.run_dir / "data") + "/", RUNS_PREFIX: str(self.run_dir) + "/"})
         cfg["seed_everything"] = self.cfg["seed"]
         d = cfg["data"]["init_args"]

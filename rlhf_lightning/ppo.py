@@ -224,7 +224,7 @@ class PPOModule(PolicySystem):
         """Fill ``rewards``, ``advantages`` and ``returns`` of the buffered rollout."""
         hp = self.hparams
         m = r.response_mask
-        distributed = self.trainer.world_size > 1
+        distributed = self._trainer is not None and self.trainer.world_size > 1
         r.rewards = kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, m, self.kl_ctl.value, hp.kl_estimator)
         if hp.whiten_rewards:
             r.rewards = masked_whiten(r.rewards, m, shift_mean=False, all_reduce=distributed)
