@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -27,7 +28,9 @@ def test_wandb_offline_run_writes_run_files(demo_workspace, monkeypatch, tmp_pat
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
     logs = list(runs[0].glob("run-*.wandb"))
     assert len(logs) == 1  # the run's event log, uploaded later by `wandb sync`
-    blob = logs[0].read_bytes()
+    deadline = time.monotonic() + 60  # the wandb service process writes the log asynchronously
+    while not all(k in (blob := logs[0].read_bytes()) for k in (b"model_config", b"sft/loss")) and time.monotonic() < deadline:
+        time.sleep(0.5)
     # Hyperparameters (model and data init arguments) and metrics are in the record stream.
     for key in (b"model_config", b"train_file", b"sft/loss"):
         assert key in blob, key
