@@ -196,6 +196,15 @@ class RewardModel(nn.Module):
         ).last_hidden_state  # (B, T, H)
         return self.model.score(hidden).squeeze(-1)  # (B, T)
 
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Head outputs at every position on the reward's scale (normalised when ``normalize``).
+
+        A critic initialised from the reward model uses these as values, so that at step 0
+        its value at the last token already predicts the (normalised) score PPO is given.
+        """
+        scores = self.token_scores(input_ids, attention_mask)  # (B, T)
+        return scores * self.gain + self.bias if self.normalize else scores
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
         scores = self.token_scores(input_ids, attention_mask)  # (B, T)
         raw = scores.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)  # (B,)

@@ -138,7 +138,9 @@ class PPOModule(PolicySystem):
         if hp.shared_value_head:
             self.value_head = ValueHead(self.policy.config.hidden_size)
         else:
-            self.critic = load_reward_model(hp.critic_model or hp.reward_model, normalize=False, trust_remote_code=hp.trust_remote_code)
+            # On the reward's (normalised) scale, so its first values predict the returns it is trained on.
+            self.critic = load_reward_model(hp.critic_model or hp.reward_model, normalize=hp.normalize_reward,
+                                            trust_remote_code=hp.trust_remote_code)
         if hp.disable_dropout:
             for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
                 if m is not None:
@@ -182,7 +184,7 @@ class PPOModule(PolicySystem):
         ids = torch.cat([r.query_ids, r.response_ids], dim=1)
         mask = torch.cat([r.query_mask, r.response_mask], dim=1)
         A = r.response_ids.shape[1]
-        return self.critic.token_scores(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
+        return self.critic.token_values(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
 
     # ----------------------------------------------------------------------------- rollout
     @torch.no_grad()

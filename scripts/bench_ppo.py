@@ -97,7 +97,7 @@ def bench_bare_learn(module, args) -> float:
                                 logits_to_keep=A + 1, output_hidden_states=module.value_head is not None)
             loss = torch.log_softmax(out.logits.float(), -1)[..., 0].mean()
             if module.critic is not None:
-                loss = loss + module.critic.token_scores(ids, mask)[:, -A - 1:-1].mean()
+                loss = loss + module.critic.token_values(ids, mask)[:, -A - 1:-1].mean()
             else:
                 loss = loss + module.value_head(out.hidden_states[-1][:, -A - 1:-1]).mean()
             loss.backward()

@@ -191,3 +191,30 @@ def test_ppo_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = (demo_workspace / "runs/demo/ppo/logs/metrics.csv").read_text()
     assert "ppo/kl_coef" in metrics and "eval/gold_reward" in metrics
+
+
+def test_critic_starts_on_the_normalised_reward_scale(exports, tmp_path):
+    from rlhf_lightning.models import last_token_index, load_reward_model
+
+    rm = load_reward_model(exports["rm"])
+    rm.set_normalization(gain=0.5, bias=-2.0)  # as the reward stage's normalisation callback would
+    rm.save_pretrained(tmp_path / "rm", load_tokenizer_for(exports))
+    module = make({**exports, "rm": str(tmp_path / "rm")})
+    module.configure_model()
+    batch = next(iter(make_data(exports, 8).train_dataloader()))
+    r, _ = module.collect_rollout(batch)
+    ids = torch.cat([r.query_ids, r.response_ids], 1)
+    mask = torch.cat([r.query_mask, r.response_mask], 1)
+    with torch.no_grad():
+        values = module.critic.token_values(ids, mask)  # (B, T)
+        at_end = values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+        raw = module.reward_model(ids, mask, normalize=False)
+    # The critic's value after the last token equals the normalised score the policy is given.
+    torch.testing.assert_close(at_end, module.reward_model(ids, mask))
+    torch.testing.assert_close(at_end, 0.5 * raw - 2.0)
+
+
+def load_tokenizer_for(exports):
+    from rlhf_lightning.models import load_tokenizer
+
+    return load_tokenizer(exports["tokenizer"])
