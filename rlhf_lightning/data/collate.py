@@ -143,8 +143,9 @@ class PreferenceCollator:
     Rows ``0..B-1`` are the chosen sequences, rows ``B..2B-1`` the rejected ones in the
     same order, all padded to the longest of the 2B, so one forward pass scores both.
     Returns ``input_ids``, ``attention_mask``, ``labels`` (each ``(2B, T)``),
-    ``num_pairs`` (int B) and, when any pair has a margin, ``margin`` ``(B,)`` float
-    (0.0 for pairs without one).
+    ``num_pairs`` (int B), ``index`` ``(B,)`` long when every feature has an ``index``
+    (its position in the dataset) and, when any pair has a margin, ``margin`` ``(B,)``
+    float (0.0 for pairs without one).
     """
 
     def __init__(self, pad_token_id: int):
@@ -159,6 +160,8 @@ class PreferenceCollator:
             "labels": pad_right(labels, IGNORE_INDEX),  # (2B, T)
             "num_pairs": len(features),
         }
+        if all("index" in f for f in features):
+            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)  # (B,)
         margins = [f.get("margin") for f in features]
         if any(m is not None for m in margins):
             batch["margin"] = torch.tensor([0.0 if m is None else m for m in margins])  # (B,)

@@ -177,9 +177,16 @@ class SFTDataModule(RLHFDataModule):
 class PreferenceDataModule(RLHFDataModule):
     """Preference batches for reward modelling and DPO: ``input_ids``, ``attention_mask``,
     ``labels`` ``(2B, T)`` (rows ``0..B-1`` chosen, ``B..2B-1`` rejected), ``num_pairs``,
-    and ``margin`` ``(B,)`` when the data has margins."""
+    ``index`` ``(B,)`` (each pair's position in its split), and ``margin`` ``(B,)`` when
+    the data has margins."""
 
     kind = "preference"
+
+    def _tokenize_all(self, examples: list, name: str) -> list[dict[str, Any]]:
+        features = super()._tokenize_all(examples, name)
+        for i, f in enumerate(features):
+            f["index"] = i  # lets DPO cache per-pair reference log-probs (precompute_ref_logps)
+        return features
 
     def tokenize(self, example: Any) -> dict[str, Any]:
         hp = self.hparams
