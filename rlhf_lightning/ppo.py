@@ -247,6 +247,29 @@ class PPOModule(PolicySystem):
         for module in (self.policy, value_module):  # clipped separately: one model's spike never scales the other
             torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], self.hparams.max_grad_norm)
 
+    def accumulate_gradients(self, mb: Rollout, micro_batch_size: int, backward=None) -> dict[str, torch.Tensor]:
+        """Backward of the PPO loss of one minibatch, in micro-batches, token-weighted.
+
+        Each micro-batch's token-mean loss is weighted by its share of the minibatch's
+        response tokens, so the accumulated gradient equals that of the whole minibatch's
+        token mean whatever the micro-batch size (1x8 = 8x1).
+        """
+        hp = self.hparams
+        backward = backward or self.manual_backward
+        n_tokens = mb.response_mask.sum().clamp_min(1)
+        stats: dict[str, torch.Tensor] = {}
+        for start in range(0, mb.batch_size, micro_batch_size):
+            part = mb.select(range(start, min(start + micro_batch_size, mb.batch_size)))
+            out = self._policy_outputs(part)
+            values = out["values"] if self.value_head is not None else self._critic_values(part)
+            pg_loss, pg = ppo_policy_loss(out["logprobs"], part.logprobs, part.advantages, part.response_mask, hp.clip_range)
+            vf_loss, vf = ppo_value_loss(values, part.values, part.returns, part.response_mask, hp.clip_range_value)
+            weight = part.response_mask.sum() / n_tokens
+            backward((pg_loss + hp.vf_coef * vf_loss) * weight)
+            for k, v in {**pg, **vf}.items():
+                stats[k] = stats.get(k, 0.0) + v * weight
+        return stats
+
     def learn(self, r: Rollout) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` passes of minibatch updates over the rollout ``r``."""
         hp = self.hparams
@@ -260,18 +283,7 @@ class PPOModule(PolicySystem):
         buf = RolloutBuffer(self.tokenizer.pad_token_id)
         buf.add(r)
         for mb in buf.minibatches(mb_size, epochs=hp.ppo_epochs, generator=self.minibatch_generator):
-            n_tokens = mb.response_mask.sum().clamp_min(1)
-            step_stats: dict[str, torch.Tensor] = {}
-            for start in range(0, mb.batch_size, micro):
-                part = mb.select(range(start, min(start + micro, mb.batch_size)))
-                out = self._policy_outputs(part)
-                values = out["values"] if self.value_head is not None else self._critic_values(part)
-                pg_loss, pg = ppo_policy_loss(out["logprobs"], part.logprobs, part.advantages, part.response_mask, hp.clip_range)
-                vf_loss, vf = ppo_value_loss(values, part.values, part.returns, part.response_mask, hp.clip_range_value)
-                weight = part.response_mask.sum() / n_tokens  # token-weighted accumulation: 1x8 = 8x1
-                self.manual_backward((pg_loss + hp.vf_coef * vf_loss) * weight)
-                for k, v in {**pg, **vf}.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + v * weight
+            step_stats = self.accumulate_gradients(mb, micro)
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             self.update_stats.append(step_stats)
