@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import BinaryAccuracy
 
@@ -182,7 +183,9 @@ class RewardNormalization(L.Callback):
     ``rm/norm_gain``, ``rm/norm_bias``.
 
     It runs in ``on_train_end``: the model is still on its device, and this always comes
-    before ``HFExport`` (``on_fit_end``, after the Trainer's teardown). Every rank scores
+    before ``HFExport`` (``on_fit_end``, after the Trainer's teardown). A weight-averaging
+    callback (``EMAWeightAveraging``), which swaps in its weights in ``on_train_end`` too,
+    must be listed before it (checked at setup). Every rank scores
     the same samples, so every rank computes the same gain and bias (and sharded
     strategies, which need all ranks in each forward, work).
 
@@ -237,6 +240,15 @@ class RewardNormalization(L.Callback):
         module.reward_model.set_normalization(1.0 / std, -mean / std)
         self.raw_mean, self.raw_std = mean, std
         return mean, std
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A weight-averaging callback (EMA, SWA) copies its weights into the model in its own
+        # on_train_end: it must come first, or the gain and bias would describe other weights.
+        callbacks = list(trainer.callbacks)
+        late = [cb for cb in callbacks[callbacks.index(self) + 1:] if isinstance(cb, WeightAveraging)]
+        if late:
+            raise ValueError(f"put {type(late[0]).__name__} before RewardNormalization in trainer.callbacks: "
+                             "the averaged weights must be in place before the scores are normalised")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, RewardModule):

@@ -177,6 +177,29 @@ def test_normalization_gives_mean_0_std_1_and_travels_in_the_export(tokenizer_di
                                rtol=1e-5, atol=1e-5)
 
 
+def test_normalization_runs_on_the_averaged_weights(tokenizer_dir, tiny_config, tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    samples = write_jsonl(tmp_path / "sft.jsonl", SFT)
+
+    def fit(callbacks):
+        module = make_module(tokenizer_dir, tiny_config, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "t.jsonl", PAIRS),
+                                  val_fraction=0.0, batch_size=2, max_prompt_length=32, max_response_length=32)
+        L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+        return module
+
+    norm = RewardNormalization(samples)
+    # EMA copies its average into the model in on_train_end: listed after, it would invalidate the gain/bias.
+    with pytest.raises(ValueError, match="before RewardNormalization"):
+        fit([norm, EMAWeightAveraging(decay=0.5)])
+    module = fit([EMAWeightAveraging(decay=0.5), norm])
+    normed = score_batches(module.reward_model, norm.batches(module.tokenizer), normalize=True)
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert normed.std(correction=0).item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_starts_from_sft_export_backbone(tokenizer, tokenizer_dir, tiny_lm, tmp_path):
     save_hf(tiny_lm, tokenizer, tmp_path / "sft")
     module = RewardModule(model=str(tmp_path / "sft"), tokenizer=tokenizer_dir)
