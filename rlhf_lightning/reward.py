@@ -185,9 +185,9 @@ class RewardNormalization(L.Callback):
     It runs in ``on_train_end``: the model is still on its device, and this always comes
     before ``HFExport`` (``on_fit_end``, after the Trainer's teardown). A weight-averaging
     callback (``EMAWeightAveraging``), which swaps in its weights in ``on_train_end`` too,
-    must be listed before it (checked at setup). Every rank scores
-    the same samples, so every rank computes the same gain and bias (and sharded
-    strategies, which need all ranks in each forward, work).
+    must be listed before it (checked at setup). Every rank scores the same samples, so
+    every rank computes the same gain and bias (and sharded strategies, which need all
+    ranks in each forward, work).
 
     Args:
         samples_file: SFT demonstrations (any source ``records.load_examples`` reads).

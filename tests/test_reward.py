@@ -20,7 +20,8 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "reward.yaml"
 
 PAIRS = [
     {"prompt": "The movie was", "chosen": " great and wonderful.", "rejected": " bad."},
-    {"prompt": "I hated this film,", "chosen": " the music was lovely!", "rejected": " the plot was boring and bad and dull."},
+    {"prompt": "I hated this film,", "chosen": " the music was lovely!",
+     "rejected": " the plot was boring and bad and dull."},
     {"prompt": "Review:", "chosen": " a fine story.", "rejected": " a terrible script, weak actors."},
     {"prompt": "My thoughts on this movie:", "chosen": " it was wonderful!", "rejected": " it was not good at all."},
     {"prompt": "The music was", "chosen": " lovely and the ending made me smile!", "rejected": " dull."},
@@ -186,8 +187,10 @@ def test_normalization_runs_on_the_averaged_weights(tokenizer_dir, tiny_config, 
         module = make_module(tokenizer_dir, tiny_config, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
         dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "t.jsonl", PAIRS),
                                   val_fraction=0.0, batch_size=2, max_prompt_length=32, max_response_length=32)
-        L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                            default_root_dir=str(tmp_path))
+        trainer.fit(module, datamodule=dm)
         return module
 
     norm = RewardNormalization(samples)
