@@ -11,6 +11,12 @@ One ``training_step`` is one PPO iteration over a batch of prompts:
    over micro-batches (token-weighted, so 1x8 = 8x1), gradient clipping;
 4. **KL control**: the adaptive controller moves the coefficient towards its target.
 
+With one minibatch and no micro-batching (the usual small-model setting) the rollout's
+policy log-probs and critic values are not computed in step 1: the first forward of
+step 3 gives exactly the same numbers (the policy has not moved yet and dropout is off),
+so it fills them, step 2 runs on them, and its graph is reused for the first update.
+That saves one policy and one critic forward per iteration (``reuse_rollout_forward``).
+
 ``trainer.global_step`` counts optimizer steps (``ppo_epochs`` x minibatches per
 iteration); ``ppo/iteration`` counts iterations.
 """
@@ -86,6 +92,7 @@ class PPOModule(PolicySystem):
         missing_eos_penalty: float | None = -1.0,
         logprob_temperature: float | None = None,
         disable_dropout: bool = True,
+        reuse_rollout_forward: bool = True,
         sample_log_every_n_steps: int = 10,
         trust_remote_code: bool = False,
     ):
@@ -108,6 +115,9 @@ class PPOModule(PolicySystem):
             missing_eos_penalty: score given to responses that end without EOS; None keeps their score.
             logprob_temperature: temperature of the recomputed log-probs; default the
                 sampling temperature (anything else makes ratio and KL refer to another policy).
+            reuse_rollout_forward: when the whole buffer is one minibatch and one micro-batch
+                and dropout is off, take the rollout-time log-probs and values from the first
+                learning forward instead of a separate no-grad pass (identical numbers).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -175,7 +185,8 @@ class PPOModule(PolicySystem):
         logits = out.logits[:, :-1]  # (B, A, V): position Q-1+t predicts response token t
         result = {"logprobs": token_logprobs(logits, r.response_ids, self.temperature)}  # (B, A)
         if with_entropy:
-            result["entropy"] = entropy_from_logits(logits.float() / self.temperature)  # (B, A)
+            with torch.no_grad():  # a statistic only: no graph
+                result["entropy"] = entropy_from_logits(logits.detach().float() / self.temperature)  # (B, A)
         if self.value_head is not None:
             result["values"] = self.value_head(out.hidden_states[-1][:, -A - 1 : -1]).float()  # (B, A)
         return result
@@ -187,9 +198,24 @@ class PPOModule(PolicySystem):
         return self.critic.token_values(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
 
     # ----------------------------------------------------------------------------- rollout
+    def reuses_rollout_forward(self, n_samples: int) -> bool:
+        """Whether a buffer of ``n_samples`` is learned from in one minibatch of one micro-batch,
+        so that the first learning forward can stand in for the rollout-time one."""
+        hp = self.hparams
+        if not (hp.reuse_rollout_forward and hp.disable_dropout):
+            return False
+        if hp.rollout_batches > 1:  # the buffer's final size is not known per batch: decide from the settings
+            return hp.minibatch_size is None and hp.micro_batch_size is None
+        mb = hp.minibatch_size or n_samples
+        return mb >= n_samples and (hp.micro_batch_size or mb) >= n_samples
+
     @torch.no_grad()
-    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, torch.Tensor]]:
-        """Sample and score one batch of prompts; returns the rollout (no advantages yet) and its stats."""
+    def collect_rollout(self, batch: dict[str, Any], old_outputs: bool = True) -> tuple[Rollout, dict[str, torch.Tensor]]:
+        """Sample and score one batch of prompts; returns the rollout (no advantages yet) and its stats.
+
+        With ``old_outputs=False`` the policy log-probs and critic values are left ``None``
+        for :meth:`learn` to fill from its first forward (see ``reuse_rollout_forward``).
+        """
         t0 = time.perf_counter()
         q_ids, q_mask = batch["input_ids"], batch["attention_mask"]  # (B, Q)
         gen = sample_responses(self.policy, q_ids, q_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sampling)
@@ -198,28 +224,35 @@ class PPOModule(PolicySystem):
         ids = torch.cat([q_ids, gen.response_ids], dim=1)  # (B, Q+A)
         mask = torch.cat([q_mask, gen.response_mask], dim=1)  # (B, Q+A)
         scores = self.reward_model(ids, mask).float()  # (B,) read at the last real token
-        t2 = time.perf_counter()
-        self.policy.eval()  # dropout is off anyway; eval keeps any other train-time behaviour out
-        pol = self._policy_outputs(r, with_entropy=True)
-        r.logprobs = pol["logprobs"]
-        r.values = pol["values"] if self.value_head is not None else self._critic_values(r)
+        if old_outputs:
+            self.fill_old_outputs(r)
         ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                               use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
         r.ref_logprobs = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)  # (B, A)
-        self.policy.train()
         penalty = self.hparams.missing_eos_penalty
         r.scores = scores if penalty is None else torch.where(gen.ended, scores, torch.full_like(scores, penalty))
         m = r.response_mask
         stats = {
             "reward_score": scores.mean(),
             "reward_score_penalized": r.scores.mean(),
-            "entropy": masked_mean(pol["entropy"], m),
             "response_length": m.sum(-1).float().mean(),
             "eos_rate": gen.ended.float().mean(),
             "time_generate": torch.tensor(t1 - t0),
             "time_score": torch.tensor(time.perf_counter() - t1),
         }
+        if old_outputs:
+            stats["entropy"] = self._last_entropy
         return r, stats
+
+    @torch.no_grad()
+    def fill_old_outputs(self, r: Rollout) -> None:
+        """Set ``r.logprobs`` and ``r.values`` from the current (not yet updated) policy and critic."""
+        self.policy.eval()  # dropout is off anyway; eval keeps any other train-time behaviour out
+        pol = self._policy_outputs(r, with_entropy=True)
+        self.policy.train()
+        r.logprobs = pol["logprobs"]
+        r.values = pol["values"] if self.value_head is not None else self._critic_values(r)
+        self._last_entropy = masked_mean(pol["entropy"], r.response_mask)
 
     @torch.no_grad()
     def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
@@ -262,28 +295,56 @@ class PPOModule(PolicySystem):
             part = mb.select(range(start, min(start + micro_batch_size, mb.batch_size)))
             out = self._policy_outputs(part)
             values = out["values"] if self.value_head is not None else self._critic_values(part)
-            pg_loss, pg = ppo_policy_loss(out["logprobs"], part.logprobs, part.advantages, part.response_mask, hp.clip_range)
-            vf_loss, vf = ppo_value_loss(values, part.values, part.returns, part.response_mask, hp.clip_range_value)
+            loss, terms = self._ppo_loss(part, out["logprobs"], values)
             weight = part.response_mask.sum() / n_tokens
-            backward((pg_loss + hp.vf_coef * vf_loss) * weight)
-            for k, v in {**pg, **vf}.items():
+            backward(loss * weight)
+            for k, v in terms.items():
                 stats[k] = stats.get(k, 0.0) + v * weight
         return stats
 
+    def _ppo_loss(self, r: Rollout, logprobs: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hp = self.hparams
+        pg_loss, pg = ppo_policy_loss(logprobs, r.logprobs, r.advantages, r.response_mask, hp.clip_range)
+        vf_loss, vf = ppo_value_loss(values, r.values, r.returns, r.response_mask, hp.clip_range_value)
+        return pg_loss + hp.vf_coef * vf_loss, {**pg, **vf}
+
+    def _first_update_from_rollout_forward(self, r: Rollout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Backward of the first update whose forward also supplies the rollout's log-probs and values.
+
+        Before any update the policy and critic are the rollout-time ones, so their outputs
+        here, detached, are the "old" log-probs and values; advantages are computed from them
+        and the loss is taken on the same graph (ratio exactly 1, value clipping inactive).
+        Returns ``(advantage stats, loss terms)``.
+        """
+        out = self._policy_outputs(r, with_entropy=True)
+        values = out["values"] if self.value_head is not None else self._critic_values(r)
+        r.logprobs = out["logprobs"].detach()
+        r.values = values.detach()
+        adv_stats = self.compute_advantages(r)
+        adv_stats["entropy"] = masked_mean(out["entropy"], r.response_mask)
+        loss, terms = self._ppo_loss(r, out["logprobs"], values)
+        self.manual_backward(loss)
+        return adv_stats, terms
+
     def learn(self, r: Rollout) -> dict[str, torch.Tensor]:
-        """``ppo_epochs`` passes of minibatch updates over the rollout ``r``."""
+        """``ppo_epochs`` passes of minibatch updates over the rollout ``r``.
+
+        If ``r`` has no advantages yet they are computed here (their stats are returned
+        too); if it also lacks the rollout-time log-probs and values, the first update's
+        forward supplies them when the buffer is one minibatch of one micro-batch, and a
+        separate no-grad pass does otherwise.
+        """
         hp = self.hparams
         opt = self.optimizers()
         sched = self.lr_schedulers()
         mb_size = hp.minibatch_size or r.batch_size
         micro = hp.micro_batch_size or mb_size
         totals: dict[str, torch.Tensor] = {}
-        n_updates = 0
         self.update_stats = []  # per optimizer step, for inspection (the first has ratio exactly 1)
-        buf = RolloutBuffer(self.tokenizer.pad_token_id)
-        buf.add(r)
-        for mb in buf.minibatches(mb_size, epochs=hp.ppo_epochs, generator=self.minibatch_generator):
-            step_stats = self.accumulate_gradients(mb, micro)
+        epochs = hp.ppo_epochs
+        stats: dict[str, torch.Tensor] = {}
+
+        def finish_step(step_stats: dict[str, torch.Tensor]) -> None:
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             self.update_stats.append(step_stats)
@@ -292,19 +353,37 @@ class PPOModule(PolicySystem):
             opt.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()
-            n_updates += 1
-        stats = {k: v / n_updates for k, v in totals.items()}
+
+        if r.logprobs is None and mb_size >= r.batch_size and micro >= r.batch_size and epochs > 0:
+            adv_stats, first = self._first_update_from_rollout_forward(r)
+            stats.update(adv_stats)
+            finish_step(first)
+            epochs -= 1
+        else:
+            if r.logprobs is None:
+                self.fill_old_outputs(r)
+                stats["entropy"] = self._last_entropy
+            if r.advantages is None:
+                stats.update(self.compute_advantages(r))
+        buf = RolloutBuffer(self.tokenizer.pad_token_id)
+        buf.add(r)
+        for mb in buf.minibatches(mb_size, epochs=epochs, generator=self.minibatch_generator):
+            finish_step(self.accumulate_gradients(mb, micro))
+        n_updates = max(len(self.update_stats), 1)
+        stats.update({k: v / n_updates for k, v in totals.items()})
         return stats
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollout, stats = self.collect_rollout(batch)
+        n = batch["input_ids"].shape[0] * self.hparams.rollout_batches
+        rollout, stats = self.collect_rollout(batch, old_outputs=not self.reuses_rollout_forward(n))
         self.buffer.add(rollout)
         if self.hparams.rollout_batches > 1 and (batch_idx + 1) % self.hparams.rollout_batches:
             return  # keep collecting
         r = self.buffer.all()
         self.buffer.clear()
-        stats.update(self.compute_advantages(r))
         t0 = time.perf_counter()
+        if r.logprobs is not None:
+            stats.update(self.compute_advantages(r))
         stats.update(self.learn(r))
         stats["time_learn"] = torch.tensor(time.perf_counter() - t0)
         with torch.no_grad():

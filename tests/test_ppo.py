@@ -240,3 +240,35 @@ def test_micro_batch_accumulation_matches_full_minibatch(exports):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shared_value_head", [False, True])
+def test_reusing_the_first_learning_forward_changes_nothing(exports, tmp_path, shared_value_head):
+    # One minibatch, one micro-batch: the rollout-time log-probs/values come from the first
+    # update's forward instead of a separate pass. Weights and statistics must not change.
+    results = []
+    for reuse in (True, False):
+        L.seed_everything(0)
+        module = make(exports, ppo_epochs=3, reuse_rollout_forward=reuse, shared_value_head=shared_value_head)
+        dm = make_data(exports, batch_size=8)
+        assert module.reuses_rollout_forward(8) == reuse
+        logged = {}
+
+        class Keep(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                logged.update({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("ppo/")})
+
+        trainer(tmp_path, max_steps=6, callbacks=[Keep()]).fit(module, datamodule=dm)  # 2 iterations x 3 epochs
+        value_module = module.value_head if shared_value_head else module.critic
+        weights = {**{f"p.{k}": v for k, v in module.policy.state_dict().items()},
+                   **{f"v.{k}": v for k, v in value_module.state_dict().items()}}
+        results.append((weights, logged, module.update_stats))
+    (w_reuse, log_reuse, upd_reuse), (w_plain, log_plain, upd_plain) = results
+    for k in w_plain:
+        torch.testing.assert_close(w_reuse[k], w_plain[k], rtol=1e-4, atol=1e-6)
+    assert set(log_reuse) == set(log_plain)
+    for k in ("ppo/kl", "ppo/entropy", "ppo/values_mean", "ppo/advantages_mean", "ppo/returns_mean",
+              "ppo/policy_loss", "ppo/value_loss", "ppo/reward_score", "ppo/explained_variance"):
+        torch.testing.assert_close(log_reuse[k], log_plain[k], rtol=1e-4, atol=1e-5)
+    assert upd_reuse[0]["ratio_mean"].item() == 1.0
+    assert len(upd_reuse) == len(upd_plain) == 3
