@@ -48,9 +48,12 @@ class PolicySystem(L.LightningModule):
         self.policy = None
 
     def _load_policy(self) -> torch.nn.Module:
+        # from_pretrained returns eval mode and Lightning keeps each module's mode, so a
+        # policy loaded from an export must be put in train mode here (gradient
+        # checkpointing and dropout only act in train mode).
         return load_causal_lm(
             self.model_name, self.tokenizer, self.model_config, trust_remote_code=self.trust_remote_code
-        )
+        ).train()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

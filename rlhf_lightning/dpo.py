@@ -93,6 +93,7 @@ class DPOModule(PolicySystem):
         loss_kwargs: dict[str, Any] | None = None,
         precompute_ref_logps: bool = False,
         disable_dropout: bool = True,
+        gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         trust_remote_code: bool = False,
@@ -110,6 +111,8 @@ class DPOModule(PolicySystem):
             precompute_ref_logps: score the training and validation sets with the
                 reference once when fit starts, then free the reference model.
             disable_dropout: zero every dropout probability in policy and reference.
+            gradient_checkpointing: recompute the policy's activations in backward
+                (less memory, about a third more compute).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "loss_fn"])
@@ -134,9 +137,11 @@ class DPOModule(PolicySystem):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = self._load_policy().train()  # from_pretrained returns eval mode
+        self.policy = self._load_policy()
         if self.hparams.disable_dropout:
             _disable_dropout(self.policy)
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
         if self.needs_reference:
             self.ref_policy = self._load_reference()
 

@@ -92,6 +92,7 @@ class PPOModule(PolicySystem):
         missing_eos_penalty: float | None = -1.0,
         logprob_temperature: float | None = None,
         disable_dropout: bool = True,
+        gradient_checkpointing: bool = False,
         reuse_rollout_forward: bool = True,
         sample_log_every_n_steps: int = 10,
         trust_remote_code: bool = False,
@@ -115,6 +116,8 @@ class PPOModule(PolicySystem):
             missing_eos_penalty: score given to responses that end without EOS; None keeps their score.
             logprob_temperature: temperature of the recomputed log-probs; default the
                 sampling temperature (anything else makes ratio and KL refer to another policy).
+            gradient_checkpointing: recompute activations of the policy and critic in
+                backward (less memory, about a third more compute); sampling is unaffected.
             reuse_rollout_forward: when the whole buffer is one minibatch and one micro-batch
                 and dropout is off, take the rollout-time log-probs and values from the first
                 learning forward instead of a separate no-grad pass (identical numbers).
@@ -150,11 +153,15 @@ class PPOModule(PolicySystem):
         else:
             # On the reward's (normalised) scale, so its first values predict the returns it is trained on.
             self.critic = load_reward_model(hp.critic_model or hp.reward_model, normalize=hp.normalize_reward,
-                                            trust_remote_code=hp.trust_remote_code)
+                                            trust_remote_code=hp.trust_remote_code).train()
         if hp.disable_dropout:
             for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
                 if m is not None:
                     disable_dropout(m)
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            if self.critic is not None:
+                self.critic.model.gradient_checkpointing_enable()
 
     def configure_optimizers(self):
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]

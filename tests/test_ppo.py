@@ -272,3 +272,22 @@ def test_reusing_the_first_learning_forward_changes_nothing(exports, tmp_path, s
         torch.testing.assert_close(log_reuse[k], log_plain[k], rtol=1e-4, atol=1e-5)
     assert upd_reuse[0]["ratio_mean"].item() == 1.0
     assert len(upd_reuse) == len(upd_plain) == 3
+
+
+def test_policy_and_critic_train_with_gradient_checkpointing(exports, tmp_path):
+    # Exports load in eval mode; HF skips checkpointing outside train mode, so the module must switch.
+    L.seed_everything(0)
+    plain = make(exports, ppo_epochs=1)
+    plain.configure_model()
+    assert plain.policy.training and plain.critic.training
+    assert not plain.ref_policy.training and not plain.reward_model.training
+    L.seed_everything(0)
+    ckpt = make(exports, ppo_epochs=1, gradient_checkpointing=True)
+    ckpt.configure_model()
+    assert ckpt.policy.is_gradient_checkpointing and ckpt.critic.model.is_gradient_checkpointing
+    for m in (plain, ckpt):
+        L.seed_everything(0)
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=make_data(exports))
+    # Recomputation changes memory, not results.
+    for a, b in zip(plain.policy.parameters(), ckpt.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

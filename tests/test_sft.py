@@ -88,3 +88,8 @@ def test_export_reloads_with_identical_logits(tokenizer_dir, tiny_config, tmp_pa
         torch.testing.assert_close(module.policy(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     assert (tmp_path / "hf" / "model.safetensors").exists()
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # Continuing from the export: the policy must come back in train mode (from_pretrained
+    # returns eval mode, Lightning keeps it, and HF skips gradient checkpointing outside train mode).
+    again = SFTModule(model=str(tmp_path / "hf"), gradient_checkpointing=True)
+    again.configure_model()
+    assert again.policy.training and again.policy.is_gradient_checkpointing
