@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--tokenizer", default="data/demo/tokenizer")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the three variants, in turn")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,13 +120,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     tokenizer = load_tokenizer(args.tokenizer)
     length = args.prompt_len + args.response_len
     batches = make_batches(args.warmup + args.steps, args.pairs, length, len(tokenizer), tokenizer.pad_token_id)
-    results = {
-        "(a) plain, two forwards": plain_loop(batches, args.warmup, tokenizer, False, args.lr),
-        "(b) plain, one concatenated forward": plain_loop(batches, args.warmup, tokenizer, True, args.lr),
-        "(c) RewardModule + Lightning Trainer": lightning_loop(batches, args.warmup, args.tokenizer, args.lr),
+    # The variants run in turn, ``--repeats`` rounds, so drift of a shared machine hits all alike.
+    results: dict[str, list[float]] = {
+        "(a) plain, two forwards": [],
+        "(b) plain, one concatenated forward": [],
+        "(c) RewardModule + Lightning Trainer": [],
     }
-    print(f"\nreward-model training step: {args.pairs} pairs x {length} tokens, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up), {torch.get_num_threads()} threads, vocab {len(tokenizer)}")
+    for _ in range(args.repeats):
+        results["(a) plain, two forwards"] += plain_loop(batches, args.warmup, tokenizer, False, args.lr)
+        results["(b) plain, one concatenated forward"] += plain_loop(batches, args.warmup, tokenizer, True, args.lr)
+        results["(c) RewardModule + Lightning Trainer"] += lightning_loop(batches, args.warmup, args.tokenizer, args.lr)
+    print(f"\nreward-model training step: {args.pairs} pairs x {length} tokens, {args.repeats} x {args.steps} timed "
+          f"steps (+{args.warmup} warm-up each), {torch.get_num_threads()} threads, vocab {len(tokenizer)}")
     print(f"{'variant':<40} {'pairs/s':>9} {'pairs/s (median step)':>22} {'ms/step (median)':>17}")
     for name, times in results.items():
         total = sum(times)
