@@ -169,9 +169,11 @@ class Pipeline:
         )
 
     def run_report(self) -> None:
-        from rlhf_lightning.report import write_report
+        from rlhf_lightning.report import summary_lines, write_report
 
         path = write_report(self.run_dir)
+        for line in summary_lines(self.run_dir):
+            print(line)
         print(f"report: {path}")
 
     # ------------------------------------------------------------------ driver

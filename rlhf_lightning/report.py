@@ -350,6 +350,38 @@ def _resolve_stages(run_dir: Path, stages: dict[str, str] | None) -> dict[str, P
     return found
 
 
+def summary_lines(run_dir: str | os.PathLike) -> list[str]:
+    """A plain-text summary of a run for the terminal: the held-out table and the RM accuracy.
+
+    Reads ``eval.json``, the reward stage's ``metrics.csv`` and ``data/summary.json``;
+    whatever is missing is left out.
+    """
+    run_dir = Path(run_dir)
+    lines: list[str] = []
+    eval_path = _find_eval(run_dir)
+    policies = ((_read_json(eval_path) if eval_path else None) or {}).get("policies") or {}
+    if policies:
+        cols = [("gold", "gold_reward_mean"), ("proxy", "proxy_reward_mean"), ("KL", "kl_to_ref"),
+                ("EOS", "eos_rate"), ("length", "response_length_mean"), ("win/sft", "win_rate_vs_sft_gold")]
+        cols = [c for c in cols if any(c[1] in m for m in policies.values())]
+        width = max(6, *(len(n) for n in policies))
+        lines.append(f"{'policy':<{width}}" + "".join(f"{t:>9}" for t, _ in cols))
+        for name, m in policies.items():
+            cells = "".join(f"{m[k]:>9.3f}" if isinstance(m.get(k), (int, float)) else f"{'-':>9}" for _, k in cols)
+            lines.append(f"{name:<{width}}{cells}")
+    reward_csv = find_metrics_csv(run_dir / "reward")
+    if reward_csv is not None:
+        try:
+            val = _last(read_metrics_csv(reward_csv), "val/rm/accuracy", "val/rm/accuracy_epoch")
+        except (OSError, csv.Error):
+            val = None
+        ceiling = (_read_json(run_dir / "data" / "summary.json") or {}).get("preference_ceiling_val")
+        if val is not None:
+            lines.append(f"reward model: validation accuracy {val:.3f}"
+                         + (f" (label-noise ceiling {ceiling:.3f})" if ceiling is not None else ""))
+    return lines
+
+
 def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = None, n_samples: int = 3) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/figures/*.png``; return the markdown's path.
 

@@ -12,7 +12,7 @@ import pytest
 from rlhf_lightning.data.demo import gold_reward
 from rlhf_lightning.evaluation import aggregate_metrics, distinct_n, evaluate_policies, summarize, win_rate
 from rlhf_lightning.generation import SamplingConfig
-from rlhf_lightning.report import read_metrics_csv, write_report
+from rlhf_lightning.report import read_metrics_csv, summary_lines, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -186,6 +186,13 @@ def test_write_report(tmp_path):
         assert f"](figures/{p.name})" in md  # relative links render from run_dir
     # Gold over the eval rows, s(4-s)/8 for s = 0, 2, 4: 0, 0.5, 0 (blank cells of train rows skipped).
     assert read_metrics_csv(run / "ppo/logs/metrics.csv")["eval/gold_reward"] == [(0, 0.0), (2, 0.5), (4, 0.0)]
+    # The terminal summary the pipeline prints at the end: one row per policy, "-" where a
+    # policy lacks a metric, then the RM accuracy beside its ceiling.
+    lines = summary_lines(run)
+    assert lines[0].split() == ["policy", "gold", "proxy", "KL", "EOS", "length", "win/sft"]
+    assert lines[2].split() == ["ppo", "0.400", "1.200", "3.000", "0.900", "25.000", "0.700"]
+    assert lines[3].split() == ["dpo", "0.500", "-", "2.000", "-", "-", "-"]
+    assert lines[4] == "reward model: validation accuracy 0.700 (label-noise ceiling 0.840)"
 
 
 def test_report_skips_what_is_missing(tmp_path):
