@@ -70,6 +70,7 @@ def test_sft_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
     cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", str(CONFIGS / "sft.yaml"),
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
            "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+           "--data.init_args.group_by_length=true",  # the custom sampler under Lightning's DDP wrapper
            f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks.init_args.dirpath={tmp_path}/hf",
            '--model.init_args.model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
            '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}']

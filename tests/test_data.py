@@ -19,6 +19,7 @@ from rlhf_lightning.data.collate import (
     tokenize_sft,
 )
 from rlhf_lightning.data.datamodules import (
+    LengthGroupedSampler,
     PreferenceDataModule,
     PromptDataModule,
     SFTDataModule,
@@ -319,3 +320,58 @@ def test_prompt_datamodule_eval_and_predict(tmp_path, data_tokenizer_dir):
     no_eval.setup()
     assert no_eval.eval_dataloader() is None and no_eval.val_dataloader() == []
     assert sum(len(b["prompts"]) for b in no_eval.predict_dataloader()) == 6
+
+
+def _padded_tokens(lengths: list[int], order: list[int], batch: int) -> int:
+    return sum(batch * max(lengths[i] for i in order[k : k + batch]) for k in range(0, len(order), batch))
+
+
+def test_length_grouped_sampler_is_a_shuffled_permutation_with_less_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (400,), generator=g).tolist()
+    sampler = LengthGroupedSampler(lengths, chunk=8, generator=torch.Generator().manual_seed(1))
+    epochs = [list(sampler) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(400)) and len(sampler) == 400
+        assert max(lengths[i] for i in order[:8]) == max(lengths)  # the longest batch comes first
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    again = LengthGroupedSampler(lengths, chunk=8, generator=torch.Generator().manual_seed(1))
+    assert list(again) == epochs[0]  # same seed, same order (every DDP rank agrees)
+    random_order = torch.randperm(400, generator=g).tolist()
+    assert _padded_tokens(lengths, epochs[0], 8) < 0.8 * _padded_tokens(lengths, random_order, 8)
+    # Batch lengths do not cycle from long to short inside each mega-batch (they are shuffled).
+    maxima = [max(lengths[i] for i in epochs[0][k : k + 8]) for k in range(8, 400, 8)]
+    assert maxima != sorted(maxima, reverse=True)
+
+
+def test_length_grouped_sampler_deals_whole_chunks_to_ddp_ranks():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    lengths = torch.randint(5, 200, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch, world = 4, 2
+
+    def sampler():
+        return LengthGroupedSampler(lengths, chunk=batch * world, generator=torch.Generator().manual_seed(3))
+
+    order = list(sampler())
+    chunk_of = {idx: pos // (batch * world) for pos, idx in enumerate(order)}
+    for rank in range(world):
+        # What Lightning does to a custom sampler under DDP (no shuffling of its own).
+        mine = list(DistributedSamplerWrapper(sampler(), num_replicas=world, rank=rank, shuffle=False))
+        for k in range(0, len(mine), batch):
+            assert len({chunk_of[i] for i in mine[k : k + batch]}) == 1  # a rank's batch lies in one chunk
+
+
+def test_datamodule_group_by_length_covers_every_example_with_less_padding(tmp_path, data_tokenizer_dir):
+    words = "the movie was good and the actors were wonderful".split()
+    records = [{"prompt": "review:", "response": " ".join(words[: 1 + i % 9])} for i in range(64)]
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    seen, padding = {}, {}
+    for grouped in (False, True):
+        dm = SFTDataModule(str(data_tokenizer_dir), str(path), val_fraction=0, batch_size=4, group_by_length=grouped)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        seen[grouped] = sorted(tuple(row[m.bool()].tolist()) for b in batches for row, m in zip(b["input_ids"], b["attention_mask"]))
+        padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+    assert seen[True] == seen[False]  # the same examples, each once
+    assert padding[True] < padding[False] / 2

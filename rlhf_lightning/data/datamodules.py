@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from rlhf_lightning.data.collate import (
     PreferenceCollator,
@@ -47,6 +47,50 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
     return train, [ex for i, ex in enumerate(examples) if i in val_idx]
 
 
+def example_length(features: dict[str, Any]) -> int:
+    """Tokens of the longest sequence in a feature dict (both sides of a preference pair)."""
+    return max(len(v) for k, v in features.items() if k.endswith("input_ids"))
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of ``chunk`` consecutive indices has similar lengths.
+
+    Each epoch: a random permutation cut into mega-batches that are sorted by length
+    (``transformers.trainer_pt_utils.get_length_grouped_indices``), then cut into chunks of
+    ``chunk`` indices whose order is shuffled too, so batch lengths do not cycle from long to
+    short; the chunk holding the longest example stays first (out-of-memory shows at once).
+    Under DDP, ``chunk`` should be ``batch_size x world_size``: Lightning deals the indices
+    to ranks in turn, so each rank's batch then comes from one chunk.
+
+    Args:
+        lengths: length of every example.
+        chunk: indices per group (a global batch).
+        generator: drives both shuffles; seed it identically on every rank.
+    """
+
+    def __init__(self, lengths: list[int], chunk: int, generator: torch.Generator | None = None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.lengths = list(lengths)
+        self.chunk = chunk
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        if not self.lengths:
+            return iter([])
+        order = get_length_grouped_indices(self.lengths, self.chunk, generator=self.generator)
+        chunks = [order[i : i + self.chunk] for i in range(0, len(order), self.chunk)]
+        first = max(range(len(chunks)), key=lambda c: max(self.lengths[i] for i in chunks[c]))
+        rest = [c for c in range(len(chunks)) if c != first]
+        rest = [rest[j] for j in torch.randperm(len(rest), generator=self.generator).tolist()]
+        return iter([i for c in [first, *rest] for i in chunks[c]])
+
+
 class RLHFDataModule(L.LightningDataModule):
     """Shared machinery: load, validate, split, pre-tokenise, and serve batches.
 
@@ -65,6 +109,8 @@ class RLHFDataModule(L.LightningDataModule):
         trust_remote_code: passed to the tokenizer loader.
         train_split: split read from a ``datasets`` dict or hub name for ``train_file``.
         val_split: split read from a ``datasets`` dict or hub name for ``val_file``.
+        group_by_length: draw training batches of similar lengths (less padding, so
+            faster; still shuffled every epoch, see :class:`LengthGroupedSampler`).
     """
 
     kind: str = ""  # record kind for records.load_examples: "sft", "preference" or "prompt"
@@ -86,6 +132,7 @@ class RLHFDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
         train_split: str = "train",
         val_split: str = "test",
+        group_by_length: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +182,11 @@ class RLHFDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: list, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        if shuffle and self.hparams.get("group_by_length", False):  # PromptDataModule does not offer it
+            world = self.trainer.world_size if self.trainer is not None else 1
+            sampler = LengthGroupedSampler([example_length(f) for f in dataset], batch_size * world, generator)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
+                              num_workers=self.hparams.num_workers)
         return DataLoader(
             dataset,
             batch_size=batch_size,
