@@ -57,6 +57,11 @@ class SFTModule(PolicySystem):
         self.log("sft/loss", loss.detach(), prog_bar=True, batch_size=bs)
         self.log("sft/ppl", torch.exp(loss.detach()), batch_size=bs)
         self.log("sft/tokens", metrics["ntokens"].float(), reduce_fx="sum", batch_size=bs)
+        if "loss_denominator" in batch:
+            # Summed NLL over this micro-batch's share of the step's tokens: with Lightning's
+            # division by accumulate_grad_batches and DDP's mean over ranks, the step's gradient
+            # is that of the token mean over every micro-batch of the step (SFTDataModule).
+            return loss * metrics["ntokens"] / batch["loss_denominator"]
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -20,6 +20,7 @@ from rlhf_lightning.data.collate import (
 )
 from rlhf_lightning.data.datamodules import (
     LengthGroupedSampler,
+    TokenWindowSampler,
     PreferenceDataModule,
     PromptDataModule,
     SFTDataModule,
@@ -280,7 +281,10 @@ def test_sft_datamodule_setup_and_batch(tmp_path, data_tokenizer_dir, caplog):
     counts = [int(n) for n in re.findall(r"(\d+) prompts truncated \(left\) to 12 tokens", caplog.text)]
     assert len(counts) == 2 and sum(counts) == 1 == sum(f["prompt_truncated"] for f in train + val)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 4
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "loss_denominator"} and batch["input_ids"].shape[0] == 4
+    # No accumulation, one process: the denominator is this batch's scored tokens (a token mean).
+    assert batch["loss_denominator"].item() == (batch["labels"][:, 1:] != -100).sum().item()
+    assert "loss_denominator" not in next(iter(dm.val_dataloader()))
     assert (batch["labels"] != -100).sum() > 0 and batch["input_ids"].shape == batch["labels"].shape
     first = [next(iter(dm.train_dataloader()))["input_ids"] for _ in range(2)]
     assert torch.equal(*first)  # seeded shuffle
@@ -375,3 +379,35 @@ def test_datamodule_group_by_length_covers_every_example_with_less_padding(tmp_p
         padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
     assert seen[True] == seen[False]  # the same examples, each once
     assert padding[True] < padding[False] / 2
+
+
+@pytest.mark.parametrize("world,accumulate,batch,n", [(1, 3, 2, 13), (2, 3, 2, 29), (3, 2, 1, 10), (2, 1, 4, 8)])
+def test_token_windows_make_ddp_accumulation_a_token_mean(world, accumulate, batch, n):
+    # Each example i has a summed loss s_i over c_i tokens. Whatever the split into ranks and
+    # micro-batches, (1/world) sum_ranks (1/accumulate) sum_micro (sum_{i in micro} s_i) / denominator
+    # must equal the token mean sum s_i / sum c_i over the examples of each optimizer step.
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    g = torch.Generator().manual_seed(n)
+    counts = torch.randint(1, 30, (n,), generator=g).tolist()
+    sums = (torch.rand(n, generator=g) * torch.tensor(counts)).tolist()
+
+    def sampler():
+        base = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
+        return TokenWindowSampler(base, counts, batch, accumulate, world)
+
+    order = [i for i, _ in sampler()]
+    assert len(order) % world == 0 and sorted(set(order)) == list(range(n))
+    per_rank = [list(DistributedSamplerWrapper(sampler(), num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    assert sum(len(p) for p in per_rank) == len(order)  # the wrapper pads nothing more
+    micro = [[p[k : k + batch] for k in range(0, len(p), batch)] for p in per_rank]
+    window = batch * world * accumulate
+    steps = -(-len(order) // window)
+    for step in range(steps):
+        grad = 0.0
+        for r in range(world):
+            for mb in micro[r][step * accumulate : (step + 1) * accumulate]:
+                assert len({d for _, d in mb}) == 1  # one denominator per micro-batch
+                grad += sum(sums[i] for i, _ in mb) / mb[0][1] / accumulate / world
+        members = order[step * window : (step + 1) * window]
+        assert grad == pytest.approx(sum(sums[i] for i in members) / sum(counts[i] for i in members), rel=1e-9)

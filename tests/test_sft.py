@@ -77,6 +77,44 @@ def test_gradient_accumulation_invariance(tokenizer_dir, tiny_config, tmp_path):
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
 
 
+def _first_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path):
+    """Gradient of the first optimizer step through the real (shuffled, seeded) training loader."""
+    L.seed_everything(0)
+    dm = SFTDataModule(tokenizer=tokenizer_dir, train_file=train_file, val_fraction=0.0, batch_size=batch_size)
+    module = SFTModule(model_config=tiny_config, tokenizer=tokenizer_dir,
+                       optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    grads = {}
+
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if not grads:
+                grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, callbacks=[Grab()], default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+    return grads
+
+
+def test_gradient_accumulation_is_exact_with_ragged_micro_batches(tokenizer_dir, tiny_config, tmp_path):
+    # Responses of 1 to 12 words: micro-batches hold very different token counts, so a mean of
+    # per-micro-batch token means would differ from the token mean of the step; the loss
+    # denominator of SFTDataModule makes 1x4 = 2x2 = 4x1 (the loader's seeded order puts the
+    # same 4 examples in the first step whatever the batch size).
+    words = "the movie was great and the actors were wonderful in every scene".split()
+    records = [{"prompt": p, "response": " " + " ".join(words[:k])} for p, k in
+               [("Review:", 1), ("I hated this film", 12), ("My thoughts on this movie:", 3), ("The music was", 9),
+                ("A fine story", 5), ("This film is", 2)]]
+    train_file = write_sft(tmp_path / "ragged.jsonl", records)
+    full = _first_step_grads(tokenizer_dir, tiny_config, train_file, 4, 1, tmp_path / "a")
+    assert full
+    for batch_size, accumulate in ((2, 2), (1, 4)):
+        accumulated = _first_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path / f"{batch_size}")
+        assert accumulated.keys() == full.keys()
+        for name in full:
+            torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
+
+
 def test_export_reloads_with_identical_logits(tokenizer_dir, tiny_config, tmp_path):
     module = SFTModule(model_config=tiny_config, tokenizer=tokenizer_dir)
     module.configure_model()

@@ -122,7 +122,8 @@ class SFTCollator:
     """Right-pad tokenised SFT examples to the longest in the batch.
 
     Returns ``{"input_ids": (B, T), "attention_mask": (B, T), "labels": (B, T)}`` (long
-    tensors; ``labels`` is ``-100`` on prompt and padding).
+    tensors; ``labels`` is ``-100`` on prompt and padding), plus the scalar
+    ``loss_denominator`` when the features carry one.
     """
 
     def __init__(self, pad_token_id: int):
@@ -130,11 +131,17 @@ class SFTCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f["input_ids"] for f in features]
-        return {
+        batch = {
             "input_ids": pad_right(ids, self.pad_token_id),  # (B, T)
             "attention_mask": _mask_right(ids),  # (B, T)
             "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX),  # (B, T)
         }
+        if "loss_denominator" in features[0]:  # training batches (datamodules.TokenWindowSampler)
+            denominators = {f["loss_denominator"] for f in features}
+            if len(denominators) != 1:
+                raise ValueError(f"a micro-batch spans accumulation windows (denominators {sorted(denominators)})")
+            batch["loss_denominator"] = torch.tensor(denominators.pop(), dtype=torch.float32)  # ()
+        return batch
 
 
 class PreferenceCollator:

@@ -15,9 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from rlhf_lightning.data.collate import (
+    IGNORE_INDEX,
     PreferenceCollator,
     PromptCollator,
     SFTCollator,
@@ -45,6 +46,11 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
     val_idx = set(random.Random(seed).sample(range(len(examples)), n_val))
     train = [ex for i, ex in enumerate(examples) if i not in val_idx]
     return train, [ex for i, ex in enumerate(examples) if i in val_idx]
+
+
+def scored_tokens(features: dict[str, Any]) -> int:
+    """Label tokens an SFT example contributes to the loss (labels are shifted by one)."""
+    return sum(1 for label in features["labels"][1:] if label != IGNORE_INDEX)
 
 
 def example_length(features: dict[str, Any]) -> int:
@@ -91,6 +97,59 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for c in [first, *rest] for i in chunks[c]])
 
 
+class TokenWindowSampler(Sampler[tuple[int, float]]):
+    """Tags every index with the loss denominator that makes gradient accumulation exact.
+
+    An optimizer step sees ``window = batch_size x world_size x accumulate`` consecutive
+    indices of the wrapped sampler's order (Lightning deals them to ranks in turn, each rank
+    accumulates ``accumulate`` micro-batches, DDP averages the ranks). If each micro-batch's
+    *summed* token loss is divided by ``N_window / (world_size x accumulate)``, where
+    ``N_window`` is the scored tokens of the whole window, the step's gradient is exactly
+    that of the token mean over the window, however unevenly tokens fall into micro-batches
+    (a per-micro-batch mean would weight a short micro-batch's tokens more). A last, shorter
+    window at the end of the epoch gets its own ``N``. Under DDP the order is padded to a
+    multiple of ``world_size`` here (repeating its start), so the distributed wrapper adds
+    nothing that the counts do not know of.
+
+    Yields ``(index, denominator)``; :class:`WindowedFeatures` attaches the denominator to
+    the example.
+    """
+
+    def __init__(self, base: Sampler[int], counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1):
+        self.base, self.counts = base, list(counts)
+        self.batch_size, self.accumulate, self.world_size = batch_size, max(1, accumulate), max(1, world_size)
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        return n + (-n) % self.world_size
+
+    def __iter__(self):
+        order = list(self.base)
+        order += order[: (-len(order)) % self.world_size]
+        window = self.batch_size * self.world_size * self.accumulate
+        share = self.world_size * self.accumulate
+        out = []
+        for start in range(0, len(order), window):
+            part = order[start : start + window]
+            denominator = max(sum(self.counts[i] for i in part), 1) / share
+            out += [(i, denominator) for i in part]
+        return iter(out)
+
+
+class WindowedFeatures(Dataset):
+    """Features looked up by ``(index, denominator)`` keys, with ``loss_denominator`` added."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict[str, Any]:
+        index, denominator = key
+        return {**self.features[index], "loss_denominator": denominator}
+
+
 class RLHFDataModule(L.LightningDataModule):
     """Shared machinery: load, validate, split, pre-tokenise, and serve batches.
 
@@ -115,6 +174,9 @@ class RLHFDataModule(L.LightningDataModule):
 
     kind: str = ""  # record kind for records.load_examples: "sft", "preference" or "prompt"
     padding_side: str = "right"
+    # Training batches carry ``loss_denominator`` (see TokenWindowSampler): for losses that
+    # are a mean over tokens, whose micro-batches hold different numbers of tokens.
+    token_weighted: bool = False
 
     def __init__(
         self,
@@ -181,20 +243,28 @@ class RLHFDataModule(L.LightningDataModule):
         self.train_dataset = self._tokenize_all(train, "train")
 
     def _loader(self, dataset: list, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        if shuffle and self.hparams.get("group_by_length", False):  # PromptDataModule does not offer it
-            world = self.trainer.world_size if self.trainer is not None else 1
+        hp = self.hparams
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
+                              num_workers=hp.num_workers)
+        generator = torch.Generator().manual_seed(hp.seed)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        sampler: Sampler | None = None
+        if hp.get("group_by_length", False):  # PromptDataModule does not offer it
             sampler = LengthGroupedSampler([example_length(f) for f in dataset], batch_size * world, generator)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
-                              num_workers=self.hparams.num_workers)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collator(),
-            num_workers=self.hparams.num_workers,
-        )
+        if self.token_weighted:
+            # The same seeded order as the plain shuffled loader, tagged for exact accumulation.
+            sampler = TokenWindowSampler(
+                sampler or RandomSampler(dataset, generator=generator), [scored_tokens(f) for f in dataset],
+                batch_size, accumulate=trainer.accumulate_grad_batches if trainer is not None else 1, world_size=world,
+            )
+            dataset = WindowedFeatures(dataset)
+        if sampler is None:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                              collate_fn=self.collator(), num_workers=hp.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
+                          num_workers=hp.num_workers)
 
     def _require_setup(self) -> list[dict[str, Any]]:
         if self.train_dataset is None:
@@ -214,9 +284,18 @@ class RLHFDataModule(L.LightningDataModule):
 
 
 class SFTDataModule(RLHFDataModule):
-    """SFT batches: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)`` right-padded."""
+    """SFT batches: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)`` right-padded.
+
+    Training batches also carry ``loss_denominator`` (a float tensor): dividing a
+    micro-batch's summed token loss by it makes ``accumulate_grad_batches`` and DDP give
+    exactly the gradient of the token mean over all micro-batches of an optimizer step
+    (:class:`TokenWindowSampler`). It is read from the Trainer when the loader is built, so
+    a schedule that changes ``accumulate_grad_batches`` mid-run needs
+    ``reload_dataloaders_every_n_epochs=1``.
+    """
 
     kind = "sft"
+    token_weighted = True
 
     def tokenize(self, example: Any) -> dict[str, Any]:
         hp = self.hparams
