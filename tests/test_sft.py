@@ -44,7 +44,9 @@ def test_sft_loss_equals_naive_token_loop(tokenizer_dir, tiny_config, tmp_path):
     torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-6)
 
 
-def _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path):
+def _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path, fixed_order=True):
+    """Gradient of the first optimizer step; ``fixed_order=False`` uses the real (shuffled,
+    seeded, token-weighted) training loader instead of a plain one in file order."""
     L.seed_everything(0)
     dm = SFTDataModule(tokenizer=tokenizer_dir, train_file=train_file, val_fraction=0.0, batch_size=batch_size)
     module = SFTModule(model_config=tiny_config, tokenizer=tokenizer_dir,
@@ -53,11 +55,13 @@ def _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumula
 
     class Grab(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+            if not grads:
+                grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
     dm.setup("fit")
-    dm.train_dataloader = lambda: torch.utils.data.DataLoader(  # fixed order: the same 4 examples
-        dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator())
+    if fixed_order:
+        dm.train_dataloader = lambda: torch.utils.data.DataLoader(  # the same 4 examples, no loss denominator
+            dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator())
     L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=0, callbacks=[Grab()], default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
@@ -77,25 +81,6 @@ def test_gradient_accumulation_invariance(tokenizer_dir, tiny_config, tmp_path):
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
 
 
-def _first_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path):
-    """Gradient of the first optimizer step through the real (shuffled, seeded) training loader."""
-    L.seed_everything(0)
-    dm = SFTDataModule(tokenizer=tokenizer_dir, train_file=train_file, val_fraction=0.0, batch_size=batch_size)
-    module = SFTModule(model_config=tiny_config, tokenizer=tokenizer_dir,
-                       optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
-    grads = {}
-
-    class Grab(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if not grads:
-                grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
-
-    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, callbacks=[Grab()], default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
-    return grads
-
-
 def test_gradient_accumulation_is_exact_with_ragged_micro_batches(tokenizer_dir, tiny_config, tmp_path):
     # Responses of 1 to 12 words: micro-batches hold very different token counts, so a mean of
     # per-micro-batch token means would differ from the token mean of the step; the loss
@@ -106,10 +91,11 @@ def test_gradient_accumulation_is_exact_with_ragged_micro_batches(tokenizer_dir,
                [("Review:", 1), ("I hated this film", 12), ("My thoughts on this movie:", 3), ("The music was", 9),
                 ("A fine story", 5), ("This film is", 2)]]
     train_file = write_sft(tmp_path / "ragged.jsonl", records)
-    full = _first_step_grads(tokenizer_dir, tiny_config, train_file, 4, 1, tmp_path / "a")
+    full = _one_step_grads(tokenizer_dir, tiny_config, train_file, 4, 1, tmp_path / "a", fixed_order=False)
     assert full
     for batch_size, accumulate in ((2, 2), (1, 4)):
-        accumulated = _first_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate, tmp_path / f"{batch_size}")
+        accumulated = _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate,
+                                      tmp_path / f"{batch_size}", fixed_order=False)
         assert accumulated.keys() == full.keys()
         for name in full:
             torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
