@@ -291,3 +291,16 @@ def test_policy_and_critic_train_with_gradient_checkpointing(exports, tmp_path):
     # Recomputation changes memory, not results.
     for a, b in zip(plain.policy.parameters(), ckpt.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_truncated_sampling_is_flagged(exports):
+    # Top-k/top-p/greedy sampling makes the recomputed full-softmax log-probs refer to another policy.
+    with pytest.warns(UserWarning, match="off-policy"):
+        make(exports, sampling=SamplingConfig(max_new_tokens=8, top_k=20))
+    with pytest.warns(UserWarning, match="off-policy"):
+        make(exports, sampling=SamplingConfig(max_new_tokens=8, top_p=0.9))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        make(exports)  # full-distribution sampling: no warning
