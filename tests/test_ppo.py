@@ -304,3 +304,26 @@ def test_truncated_sampling_is_flagged(exports):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         make(exports)  # full-distribution sampling: no warning
+
+
+def test_several_rollout_batches_per_learning_phase(exports, tmp_path):
+    # rollout_batches=2: two prompt batches are sampled, then one learning phase runs over
+    # all 8 samples (whole buffer = one minibatch, so the first forward is reused); the
+    # separate-pass path gives the same weights.
+    weights = []
+    for reuse in (True, False):
+        L.seed_everything(0)
+        module = make(exports, ppo_epochs=2, rollout_batches=2, reuse_rollout_forward=reuse)
+        seen = []
+
+        class Count(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append((batch_idx, trainer.global_step, pl_module.iteration))
+
+        trainer(tmp_path, max_steps=2, callbacks=[Count()]).fit(module, datamodule=make_data(exports, batch_size=4))
+        # Batch 0 only collects; batch 1 completes the buffer and takes 2 optimizer steps (2 epochs).
+        assert seen == [(0, 0, 0), (1, 2, 1)]
+        assert len(module.update_stats) == 2 and module.update_stats[0]["ratio_mean"].item() == 1.0
+        weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6)
