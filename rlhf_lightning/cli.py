@@ -59,5 +59,14 @@ def cli_main(args: list[str] | None = None):
     return _lightning_main(argv)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The ``rlhf-lightning`` console script: exit status 0 on success.
+
+    (``cli_main`` returns the CLI object or a command's result for Python callers; a
+    console script returning it would make ``sys.exit`` print it and exit with status 1.)
+    """
     cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -77,3 +77,14 @@ def test_sft_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
     proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_console_script_exits_zero_on_success(tmp_path):
+    # The installed `rlhf-lightning` script: a shell `&&` chain must go on after a successful run.
+    script = Path(sys.executable).parent / "rlhf-lightning"
+    assert script.exists(), "install the package (pip install -e .) to get the console script"
+    proc = subprocess.run([str(script), "demo-data", "--out", str(tmp_path / "d"), "--n-sft", "40", "--n-pairs", "8",
+                           "--n-val-pairs", "4", "--n-prompts", "8", "--n-heldout", "4"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "d" / "summary.json").is_file()
