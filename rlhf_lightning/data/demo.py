@@ -237,7 +237,7 @@ def preference_ceiling(pairs: list[dict], tau: float = TAU) -> float:
     return sum(max(p, 1 - p) for p in (_sigmoid(g / tau) for g in gaps)) / max(len(gaps), 1)
 
 
-def generate_demo_task(seed: int = 0, n_sft: int = 8000, n_pairs: int = 4000, n_val_pairs: int = 500,
+def generate_demo_task(seed: int = 0, n_sft: int = 8000, n_pairs: int = 10000, n_val_pairs: int = 1000,
                        n_prompts: int = 1000, n_heldout: int = 200, tau: float = TAU,
                        defect_rate: float = DEFECT_RATE) -> dict[str, list[dict]]:
     """Generate every record of the demo task with ``random.Random(seed)``.
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--tau", type=float, default=TAU, help="Bradley–Terry label temperature")
-    for name, default in (("n-sft", 8000), ("n-pairs", 4000), ("n-val-pairs", 500), ("n-prompts", 1000),
+    for name, default in (("n-sft", 8000), ("n-pairs", 10000), ("n-val-pairs", 1000), ("n-prompts", 1000),
                           ("n-heldout", 200)):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
