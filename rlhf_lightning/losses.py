@@ -33,7 +33,9 @@ __all__ = [
 Metrics = dict[str, torch.Tensor]
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, Metrics]:
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, denominator: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, Metrics]:
     """Next-token negative log-likelihood, token mean over the batch.
 
     ``L = -(1/N) sum_{b,t: y_{b,t+1} != ignore} log p(y_{b,t+1} | y_{b,<=t})``.
@@ -44,16 +46,22 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
         logits: ``(B, T, V)``.
         labels: ``(B, T)`` token ids, ``ignore_index`` on prompt and padding positions.
         ignore_index: label value that is not scored.
+        denominator: divide the summed NLL by this instead of this batch's ``N``; with
+            ``N_step / (accumulate x world_size)`` (``SFTDataModule``'s ``loss_denominator``)
+            accumulated micro-batches give the token mean over the whole optimizer step.
 
     Returns:
-        ``(loss, {"loss", "ntokens"})``; an all-ignored batch gives loss 0.
+        ``(loss, {"loss", "ntokens"})``; an all-ignored batch gives loss 0. The metric
+        ``loss`` is always this batch's token mean (what to log).
     """
     shift_labels = labels[:, 1:]  # (B, T-1)
     valid = shift_labels != ignore_index  # (B, T-1)
     safe_labels = torch.where(valid, shift_labels, torch.zeros_like(shift_labels))
     logps = token_logprobs(logits[:, :-1], safe_labels)  # (B, T-1)
-    loss = -masked_mean(logps, valid)
-    return loss, {"loss": loss.detach(), "ntokens": valid.sum().detach().float()}
+    mean = -masked_mean(logps, valid)
+    ntokens = valid.sum().detach().float()
+    loss = mean if denominator is None else mean * ntokens / denominator  # summed NLL / denominator
+    return loss, {"loss": mean.detach(), "ntokens": ntokens}
 
 
 def pairwise_loss(

@@ -49,24 +49,22 @@ class SFTModule(PolicySystem):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = causal_lm_logits(self.policy, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-        return sft_loss(logits, batch["labels"])
+        # Training batches carry the step's token share: with Lightning's division by
+        # accumulate_grad_batches and DDP's mean over ranks, the step's gradient is that of
+        # the token mean over all its micro-batches (SFTDataModule, losses.sft_loss).
+        return sft_loss(logits, batch["labels"], denominator=batch.get("loss_denominator"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self._loss(batch)
         bs = batch["input_ids"].shape[0]
-        self.log("sft/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("sft/ppl", torch.exp(loss.detach()), batch_size=bs)
+        self.log("sft/loss", metrics["loss"], prog_bar=True, batch_size=bs)  # this micro-batch's token mean
+        self.log("sft/ppl", torch.exp(metrics["loss"]), batch_size=bs)
         self.log("sft/tokens", metrics["ntokens"].float(), reduce_fx="sum", batch_size=bs)
-        if "loss_denominator" in batch:
-            # Summed NLL over this micro-batch's share of the step's tokens: with Lightning's
-            # division by accumulate_grad_batches and DDP's mean over ranks, the step's gradient
-            # is that of the token mean over every micro-batch of the step (SFTDataModule).
-            return loss * metrics["ntokens"] / batch["loss_denominator"]
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics = self._loss(batch)
-        self.val_nll.update(loss.detach(), weight=metrics["ntokens"].float())
+        self.val_nll.update(metrics["loss"], weight=metrics["ntokens"].float())
 
     def on_validation_epoch_end(self) -> None:
         if self.val_nll.update_count == 0:

@@ -37,6 +37,11 @@ def test_sft_loss_hand_value_and_shift():
     # shift: logits at t predict labels[t+1]; row 1 scores only labels[1], i.e. logits[1, 0]
     assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[1, 0].abs().sum() > 0
     assert logits.grad[0, 3].abs().sum() == 0  # last position predicts nothing
+    # With a denominator the summed NLL is divided by it: 3 tokens x log 2 / 4 = 0.519860;
+    # the logged metric stays the batch's token mean, log 2.
+    loss, metrics = sft_loss(logits, labels, denominator=torch.tensor(4.0))
+    assert loss.item() == pytest.approx(3 * math.log(2) / 4, rel=1e-6)
+    assert metrics["loss"].item() == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_sft_loss_matches_cross_entropy():
