@@ -214,6 +214,15 @@ class PPOModule(PolicySystem):
         return self.critic.token_values(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
 
     # ----------------------------------------------------------------------------- rollout
+    def _batch_sizes(self, n_samples: int) -> tuple[int, int]:
+        """(minibatch, micro-batch) sizes for a buffer of ``n_samples``."""
+        mb = self.hparams.minibatch_size or n_samples
+        return mb, self.hparams.micro_batch_size or mb
+
+    def _one_pass(self, n_samples: int) -> bool:
+        """Whether a buffer of ``n_samples`` is one minibatch of one micro-batch."""
+        return min(self._batch_sizes(n_samples)) >= n_samples
+
     def reuses_rollout_forward(self, n_samples: int) -> bool:
         """Whether a buffer of ``n_samples`` is learned from in one minibatch of one micro-batch,
         so that the first learning forward can stand in for the rollout-time one."""
@@ -222,8 +231,7 @@ class PPOModule(PolicySystem):
             return False
         if hp.rollout_batches > 1:  # the buffer's final size is not known per batch: decide from the settings
             return hp.minibatch_size is None and hp.micro_batch_size is None
-        mb = hp.minibatch_size or n_samples
-        return mb >= n_samples and (hp.micro_batch_size or mb) >= n_samples
+        return self._one_pass(n_samples)
 
     @torch.no_grad()
     def collect_rollout(self, batch: dict[str, Any], old_outputs: bool = True) -> tuple[Rollout, dict[str, torch.Tensor]]:
@@ -240,8 +248,7 @@ class PPOModule(PolicySystem):
         ids = torch.cat([q_ids, gen.response_ids], dim=1)  # (B, Q+A)
         mask = torch.cat([q_mask, gen.response_mask], dim=1)  # (B, Q+A)
         scores = self.reward_model(ids, mask).float()  # (B,) read at the last real token
-        if old_outputs:
-            self.fill_old_outputs(r)
+        entropy = self.fill_old_outputs(r) if old_outputs else None
         ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                               use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
         r.ref_logprobs = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)  # (B, A)
@@ -256,19 +263,20 @@ class PPOModule(PolicySystem):
             "time_generate": torch.tensor(t1 - t0),
             "time_score": torch.tensor(time.perf_counter() - t1),
         }
-        if old_outputs:
-            stats["entropy"] = self._last_entropy
+        if entropy is not None:
+            stats["entropy"] = entropy
         return r, stats
 
     @torch.no_grad()
-    def fill_old_outputs(self, r: Rollout) -> None:
-        """Set ``r.logprobs`` and ``r.values`` from the current (not yet updated) policy and critic."""
+    def fill_old_outputs(self, r: Rollout) -> torch.Tensor:
+        """Set ``r.logprobs`` and ``r.values`` from the current (not yet updated) policy and
+        critic; returns the policy's mean entropy over the response tokens."""
         self.policy.eval()  # dropout is off anyway; eval keeps any other train-time behaviour out
         pol = self._policy_outputs(r, with_entropy=True)
         self.policy.train()
         r.logprobs = pol["logprobs"]
         r.values = pol["values"] if self.value_head is not None else self._critic_values(r)
-        self._last_entropy = masked_mean(pol["entropy"], r.response_mask)
+        return masked_mean(pol["entropy"], r.response_mask)
 
     @torch.no_grad()
     def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
@@ -353,8 +361,7 @@ class PPOModule(PolicySystem):
         hp = self.hparams
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        mb_size = hp.minibatch_size or r.batch_size
-        micro = hp.micro_batch_size or mb_size
+        mb_size, micro = self._batch_sizes(r.batch_size)
         totals: dict[str, torch.Tensor] = {}
         self.update_stats = []  # per optimizer step, for inspection (the first has ratio exactly 1)
         epochs = hp.ppo_epochs
@@ -370,15 +377,14 @@ class PPOModule(PolicySystem):
             if sched is not None:
                 sched.step()
 
-        if r.logprobs is None and mb_size >= r.batch_size and micro >= r.batch_size and epochs > 0:
+        if r.logprobs is None and self._one_pass(r.batch_size) and epochs > 0:
             adv_stats, first = self._first_update_from_rollout_forward(r)
             stats.update(adv_stats)
             finish_step(first)
             epochs -= 1
         else:
             if r.logprobs is None:
-                self.fill_old_outputs(r)
-                stats["entropy"] = self._last_entropy
+                stats["entropy"] = self.fill_old_outputs(r)
             if r.advantages is None:
                 stats.update(self.compute_advantages(r))
         buf = RolloutBuffer(self.tokenizer.pad_token_id)
