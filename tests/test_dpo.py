@@ -16,7 +16,7 @@ from rlhf_lightning.data.datamodules import PreferenceDataModule
 from rlhf_lightning.dpo import DPOModule, sequence_logps
 from rlhf_lightning.losses import ipo_loss, simpo_loss
 from rlhf_lightning.models import freeze, load_causal_lm, save_hf
-from tests.conftest import TINY_MODEL_CONFIG
+from tests.conftest import TINY_MODEL_CONFIG, quiet_trainer
 
 DPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dpo.yaml"
 
@@ -58,10 +58,7 @@ def make(s, **kw):
 
 
 def trainer(tmp_path, **kw):
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, max_steps=2,
-                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                default_root_dir=str(tmp_path))
-    return L.Trainer(**{**opts, **kw})
+    return quiet_trainer(tmp_path, **{"max_steps": 2, **kw})
 
 
 class FirstLoss(L.Callback):

@@ -12,6 +12,7 @@ from rlhf_lightning.data.datamodules import PromptDataModule
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.models import build_reward_model, load_causal_lm, save_hf
 from rlhf_lightning.ppo import PPOModule
+from tests.conftest import quiet_trainer
 
 PROMPTS = ["The movie was", "I hated this film", "Review: a fine story", "My thoughts on this movie:",
            "The music was", "A terrible script", "The acting was", "This film is"]
@@ -45,10 +46,7 @@ def make_data(exports, batch_size=4):
 
 
 def trainer(tmp_path, **kw):
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, max_steps=4,
-                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                default_root_dir=str(tmp_path))
-    return L.Trainer(**{**opts, **kw})
+    return quiet_trainer(tmp_path, **{"max_steps": 4, **kw})
 
 
 def bias_eos(module, bias: float) -> None:
