@@ -359,10 +359,14 @@ def summary_lines(run_dir: str | os.PathLike) -> list[str]:
     run_dir = Path(run_dir)
     lines: list[str] = []
     eval_path = _find_eval(run_dir)
-    policies = ((_read_json(eval_path) if eval_path else None) or {}).get("policies") or {}
+    evaluation = (_read_json(eval_path) if eval_path else None) or {}
+    policies = evaluation.get("policies") or {}
+    baseline = (evaluation.get("settings") or {}).get("baseline", "sft")
     if policies:
+        # Short headers (a terminal line); the report's table has every METRIC_COLUMNS entry.
         cols = [("gold", "gold_reward_mean"), ("proxy", "proxy_reward_mean"), ("KL", "kl_to_ref"),
-                ("EOS", "eos_rate"), ("length", "response_length_mean"), ("win/sft", "win_rate_vs_sft_gold")]
+                ("EOS", "eos_rate"), ("length", "response_length_mean"),
+                (f"win/{baseline}", f"win_rate_vs_{baseline}_gold")]
         cols = [c for c in cols if any(c[1] in m for m in policies.values())]
         width = max(6, *(len(n) for n in policies))
         lines.append(f"{'policy':<{width}}" + "".join(f"{t:>9}" for t, _ in cols))
