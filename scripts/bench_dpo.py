@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collate import IGNORE_INDEX, PreferenceCollator
-from rlhf_lightning.dpo import DPOModule
+from rlhf_lightning.systems.dpo import DPOModule
 from rlhf_lightning.losses import dpo_loss
 from rlhf_lightning.models import causal_lm_logits, freeze, load_causal_lm, load_tokenizer
 

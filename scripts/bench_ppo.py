@@ -46,7 +46,7 @@ def bench_module(paths: dict[str, str], args) -> dict[str, float]:
 
     from rlhf_lightning.data.datamodules import PromptDataModule
     from rlhf_lightning.generation import SamplingConfig
-    from rlhf_lightning.ppo import PPOModule
+    from rlhf_lightning.systems.ppo import PPOModule
 
     L.seed_everything(0)
     module = PPOModule(

@@ -25,7 +25,7 @@ import torch
 
 from rlhf_lightning.losses import pairwise_loss
 from rlhf_lightning.models import build_reward_model, load_tokenizer
-from rlhf_lightning.reward import RewardModule
+from rlhf_lightning.systems.reward import RewardModule
 
 MODEL_CONFIG = {
     "model_type": "llama",

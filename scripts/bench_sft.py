@@ -60,7 +60,7 @@ def plain_loop(tok, batch, steps: int, warmup: int) -> list[float]:
 def lightning_module(tok_dir: str, batch, steps: int, warmup: int) -> list[float]:
     import lightning as L
 
-    from rlhf_lightning.sft import SFTModule
+    from rlhf_lightning.systems.sft import SFTModule
 
     torch.manual_seed(0)
     module = SFTModule(model_config=MODEL, tokenizer=tok_dir,

@@ -13,7 +13,7 @@ import torch
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.data.collate import IGNORE_INDEX, PreferenceCollator, pad_right
 from rlhf_lightning.data.datamodules import PreferenceDataModule
-from rlhf_lightning.dpo import DPOModule, sequence_logps
+from rlhf_lightning.systems.dpo import DPOModule, sequence_logps
 from rlhf_lightning.losses import ipo_loss, simpo_loss
 from rlhf_lightning.models import freeze, load_causal_lm, save_hf
 from tests.conftest import TINY_MODEL_CONFIG, quiet_trainer

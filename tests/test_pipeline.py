@@ -40,7 +40,7 @@ def pipeline_args(run_dir: Path, sft_steps: int = 4) -> list[str]:
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_interrupt_and_resume(tmp_path, capsys, monkeypatch):
-    from rlhf_lightning.sft import SFTModule
+    from rlhf_lightning.systems.sft import SFTModule
 
     run_dir = tmp_path / "run"
     original_step = SFTModule.training_step

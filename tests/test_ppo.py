@@ -11,7 +11,7 @@ import torch
 from rlhf_lightning.data.datamodules import PromptDataModule
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.models import build_reward_model, load_causal_lm, save_hf
-from rlhf_lightning.ppo import PPOModule
+from rlhf_lightning.systems.ppo import PPOModule
 from tests.conftest import quiet_trainer
 
 PROMPTS = ["The movie was", "I hated this film", "Review: a fine story", "My thoughts on this movie:",

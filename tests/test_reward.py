@@ -14,7 +14,7 @@ from rlhf_lightning.cli import cli_main
 from rlhf_lightning.data.datamodules import PreferenceDataModule
 from rlhf_lightning.losses import pairwise_loss
 from rlhf_lightning.models import load_reward_model, save_hf
-from rlhf_lightning.reward import RewardModule, RewardNormalization, score_batches
+from rlhf_lightning.systems.reward import RewardModule, RewardNormalization, score_batches
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "reward.yaml"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_lightning.rollout import Rollout, RolloutBuffer
+from rlhf_lightning.rl.rollout import Rollout, RolloutBuffer
 
 PAD = 7
 

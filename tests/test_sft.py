@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_lightning.data.datamodules import SFTDataModule
-from rlhf_lightning.sft import SFTModule
+from rlhf_lightning.systems.sft import SFTModule
 
 
 def write_sft(path, records):

@@ -39,24 +39,13 @@ from rlhf_lightning.advantages import (
     kl_penalized_rewards,
     kl_per_token,
 )
-from rlhf_lightning.base import PolicySystem
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.generation import Generation, SamplingConfig, decode_responses, sample_responses
-from rlhf_lightning.logprobs import entropy_from_logits, masked_mean, masked_whiten, token_logprobs
+from rlhf_lightning.logprobs import masked_mean, masked_whiten
 from rlhf_lightning.losses import ppo_policy_loss, ppo_value_loss
-from rlhf_lightning.models import (
-    ValueHead,
-    disable_dropout,
-    freeze,
-    load_causal_lm,
-    load_reward_model,
-    position_ids_from_mask,
-)
-from rlhf_lightning.optim import build_optimization
-from rlhf_lightning.rollout import Rollout, RolloutBuffer
-
-FROZEN_PREFIXES = ("ref_policy.", "reward_model.")
-
+from rlhf_lightning.models import ValueHead, load_reward_model, response_logprobs
+from rlhf_lightning.rl.rollout import Rollout, RolloutBuffer
+from rlhf_lightning.systems.base import PolicySystem
 
 class PPOModule(PolicySystem):
     """PPO for a causal-LM policy; frozen reference and reward model, separate or shared critic."""
@@ -125,10 +114,8 @@ class PPOModule(PolicySystem):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self._setup_common(model, None, tokenizer or model, optimizer, lr_scheduler, trust_remote_code, sampling)
+        self._setup_policy(model, None, tokenizer or model, optimizer, lr_scheduler, trust_remote_code, sampling)
         self.automatic_optimization = False
-        # Frozen weights are reloaded from their exports, not stored in every checkpoint.
-        self.strict_loading = False
         self.ref_policy = self.reward_model = self.critic = self.value_head = None
         self.kl_ctl = (
             AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
@@ -150,68 +137,47 @@ class PPOModule(PolicySystem):
         self.update_stats: list[dict[str, torch.Tensor]] = []
 
     # ----------------------------------------------------------------------------- models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    def build_models(self) -> None:
         hp = self.hparams
-        self.policy = self._load_policy()
-        self.ref_policy = freeze(load_causal_lm(hp.ref_model or hp.model, self.tokenizer, trust_remote_code=hp.trust_remote_code))
-        self.reward_model = freeze(load_reward_model(hp.reward_model, normalize=hp.normalize_reward, trust_remote_code=hp.trust_remote_code))
+        self.policy = self.load_policy()
+        self.add_frozen("ref_policy", self.load_frozen_lm(hp.ref_model or hp.model))
+        self.add_frozen("reward_model", self._load_scorer(hp.reward_model))
         if hp.shared_value_head:
             self.value_head = ValueHead(self.policy.config.hidden_size)
         else:
             # On the reward's (normalised) scale, so its first values predict the returns it is trained on.
-            self.critic = load_reward_model(hp.critic_model or hp.reward_model, normalize=hp.normalize_reward,
-                                            trust_remote_code=hp.trust_remote_code).train()
-        if hp.disable_dropout:
-            for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
-                if m is not None:
-                    disable_dropout(m)
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-            if self.critic is not None:
-                self.critic.model.gradient_checkpointing_enable()
+            self.critic = self.prepare_trainable(self._load_scorer(hp.critic_model or hp.reward_model))
 
-    def configure_optimizers(self):
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+    def _load_scorer(self, path: str) -> torch.nn.Module:
+        return load_reward_model(path, normalize=self.hparams.normalize_reward, trust_remote_code=self.trust_remote_code)
+
+    def param_groups(self) -> list[dict[str, Any]]:
         value_module = self.value_head if self.hparams.shared_value_head else self.critic
         critic_group = {"params": [p for p in value_module.parameters() if p.requires_grad]}
         if self.hparams.critic_lr is not None:
             critic_group["lr"] = self.hparams.critic_lr
-        groups.append(critic_group)
-        return build_optimization(self, groups, self.optimizer_factory, self.scheduler_factory)
-
-    @property
-    def temperature(self) -> float:
-        return self.hparams.logprob_temperature or self.sampling.temperature
+        return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}, critic_group]
 
     def _policy_outputs(self, r: Rollout, with_entropy: bool = False) -> dict[str, torch.Tensor]:
         """Log-probs (and shared-head values, entropy) of the response tokens of ``r``."""
-        ids = torch.cat([r.query_ids, r.response_ids], dim=1)  # (B, Q+A)
-        mask = torch.cat([r.query_mask, r.response_mask], dim=1)  # (B, Q+A)
-        A = r.response_ids.shape[1]
-        out = self.policy(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-            logits_to_keep=A + 1,  # only the positions that predict response tokens
-            output_hidden_states=self.value_head is not None,
-        )
-        logits = out.logits[:, :-1]  # (B, A, V): position Q-1+t predicts response token t
-        result = {"logprobs": token_logprobs(logits, r.response_ids, self.temperature)}  # (B, A)
+        ids, mask = r.sequences()  # (B, Q+A)
+        out = response_logprobs(self.policy, ids, mask, r.query_width, self.logprob_temperature,
+                                with_entropy=with_entropy, with_hidden=self.value_head is not None)
+        result = {"logprobs": out.logprobs}  # (B, A)
         if with_entropy:
-            with torch.no_grad():  # a statistic only: no graph
-                result["entropy"] = entropy_from_logits(logits.detach().float() / self.temperature)  # (B, A)
+            result["entropy"] = out.entropy  # (B, A)
         if self.value_head is not None:
-            result["values"] = self.value_head(out.hidden_states[-1][:, -A - 1 : -1]).float()  # (B, A)
+            result["values"] = self.value_head(out.hidden).float()  # (B, A)
         return result
 
     def _critic_values(self, r: Rollout) -> torch.Tensor:
-        ids = torch.cat([r.query_ids, r.response_ids], dim=1)
-        mask = torch.cat([r.query_mask, r.response_mask], dim=1)
+        ids, mask = r.sequences()  # (B, Q+A)
         A = r.response_ids.shape[1]
         return self.critic.token_values(ids, mask)[:, -A - 1 : -1].float()  # (B, A)
+
+    def _ref_logprobs(self, r: Rollout) -> torch.Tensor:
+        ids, mask = r.sequences()  # (B, Q+A)
+        return response_logprobs(self.ref_policy, ids, mask, r.query_width, self.logprob_temperature).logprobs  # (B, A)
 
     # ----------------------------------------------------------------------------- rollout
     def _batch_sizes(self, n_samples: int) -> tuple[int, int]:
@@ -245,13 +211,9 @@ class PPOModule(PolicySystem):
         gen = sample_responses(self.policy, q_ids, q_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sampling)
         t1 = time.perf_counter()
         r = Rollout(query_ids=q_ids, query_mask=q_mask, response_ids=gen.response_ids, response_mask=gen.response_mask)
-        ids = torch.cat([q_ids, gen.response_ids], dim=1)  # (B, Q+A)
-        mask = torch.cat([q_mask, gen.response_mask], dim=1)  # (B, Q+A)
-        scores = self.reward_model(ids, mask).float()  # (B,) read at the last real token
+        scores = self.reward_model(*r.sequences()).float()  # (B,) read at the last real token
         entropy = self.fill_old_outputs(r) if old_outputs else None
-        ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                              use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
-        r.ref_logprobs = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)  # (B, A)
+        r.ref_logprobs = self._ref_logprobs(r)  # (B, A)
         penalty = self.hparams.missing_eos_penalty
         r.scores = scores if penalty is None else torch.where(gen.ended, scores, torch.full_like(scores, penalty))
         m = r.response_mask
@@ -429,9 +391,7 @@ class PPOModule(PolicySystem):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
+        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out
         checkpoint["ppo_state"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
             "iteration": self.iteration,
@@ -439,9 +399,7 @@ class PPOModule(PolicySystem):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [k for k, _ in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES) and k not in checkpoint["state_dict"]]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights, e.g. {missing[:3]}")
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("ppo_state")
         if state is not None:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -458,28 +416,20 @@ class PPOModule(PolicySystem):
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate_batch(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> dict[str, Any]:
-        """Sample held-out prompts and measure proxy score, KL to the reference, length and EOS.
-
-        Returns per-sample lists (``prompts``, ``responses``, ``proxy``, ``kl``, ``length``,
-        ``ended``) so a callback can add a gold reward and aggregate.
-        """
+        """Sample held-out prompts and measure proxy score, KL to the reference, length and EOS."""
         gen = sample_responses(self.policy, batch["input_ids"], batch["attention_mask"], self.tokenizer.eos_token_id,
                                self.tokenizer.pad_token_id, sampling or self.sampling)
         r = Rollout(batch["input_ids"], batch["attention_mask"], gen.response_ids, gen.response_mask)
-        ids = torch.cat([r.query_ids, r.response_ids], 1)
-        mask = torch.cat([r.query_mask, r.response_mask], 1)
         was_training = self.policy.training
         self.policy.eval()
         logp = self._policy_outputs(r)["logprobs"]
         self.policy.train(was_training)
-        ref = self.ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                              use_cache=False, logits_to_keep=r.response_ids.shape[1] + 1)
-        ref_logp = token_logprobs(ref.logits[:, :-1], r.response_ids, self.temperature)
+        ref_logp = self._ref_logprobs(r)
         kl = ((logp - ref_logp) * r.response_mask).sum(-1)  # (B,) Monte-Carlo sequence KL
         return {
             "prompts": list(batch["prompts"]),
             "responses": decode_responses(self.tokenizer, gen),
-            "proxy": self.reward_model(ids, mask).float().tolist(),
+            "proxy": self.reward_model(*r.sequences()).float().tolist(),
             "kl": kl.tolist(),
             "length": gen.lengths.float().tolist(),
             "ended": gen.ended.tolist(),

@@ -1,4 +1,4 @@
-"""The PPO rollout record and the buffer that turns rollouts into shuffled minibatches.
+"""The online-RL rollout record and the buffer that turns rollouts into shuffled minibatches.
 
 A :class:`Rollout` holds one batch of generated experience, every tensor indexed by
 sample in dimension 0. :class:`RolloutBuffer` collects rollouts, concatenates them
@@ -50,6 +50,17 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.batch_size
+
+    @property
+    def query_width(self) -> int:
+        """``Q``: the column where responses start in :meth:`sequences`."""
+        return self.query_ids.shape[1]
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, Q+A)`` query+response ids and their attention mask (left- and right-padded)."""
+        ids = torch.cat([self.query_ids, self.response_ids], dim=1)  # (B, Q+A)
+        mask = torch.cat([self.query_mask, self.response_mask], dim=1)  # (B, Q+A)
+        return ids, mask
 
     def to(self, device: torch.device | str) -> "Rollout":
         """A copy with every tensor moved to ``device``."""

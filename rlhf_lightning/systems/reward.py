@@ -22,21 +22,13 @@ from torchmetrics.classification import BinaryAccuracy
 from rlhf_lightning.data.collate import SFTCollator, tokenize_sft
 from rlhf_lightning.data.records import load_examples
 from rlhf_lightning.losses import pairwise_loss
-from rlhf_lightning.models import (
-    REWARD_BIAS_KEY,
-    REWARD_GAIN_KEY,
-    RewardModel,
-    build_reward_model,
-    disable_dropout,
-    load_tokenizer,
-    save_hf,
-)
-from rlhf_lightning.optim import build_optimization
+from rlhf_lightning.models import REWARD_BIAS_KEY, REWARD_GAIN_KEY, RewardModel, build_reward_model
+from rlhf_lightning.systems.base import RLHFSystem
 
 log = logging.getLogger(__name__)
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(RLHFSystem):
     """Reward model trained with the pairwise loss on chosen/rejected pairs.
 
     One forward pass scores the whole ``(2B, T)`` batch (rows ``0..B-1`` chosen,
@@ -78,27 +70,15 @@ class RewardModule(L.LightningModule):
             raise ValueError("set exactly one of model (SFT export, hub name or path) or model_config")
         if tokenizer is None and model is None:
             raise ValueError("a model built from model_config needs a tokenizer path")
-        self.optimizer_factory = optimizer if optimizer is not None else torch.optim.AdamW
-        self.scheduler_factory = lr_scheduler
-        self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+        self._setup(tokenizer or model, optimizer, lr_scheduler, trust_remote_code)
         self.reward_model: RewardModel | None = None
         # Pairs ranked correctly over the whole validation split (reduced across ranks).
         self.val_accuracy = BinaryAccuracy()
 
-    def configure_model(self) -> None:
-        if self.reward_model is not None:
-            return
+    def build_models(self) -> None:
         hp = self.hparams
-        self.reward_model = build_reward_model(hp.model, self.tokenizer, hp.model_config, hp.trust_remote_code)
-        self.reward_model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
-        if hp.disable_dropout:
-            disable_dropout(self.reward_model.model)
-        if hp.gradient_checkpointing:
-            self.reward_model.model.gradient_checkpointing_enable()
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return build_optimization(self, params, self.optimizer_factory, self.scheduler_factory)
+        rm = build_reward_model(hp.model, self.tokenizer, hp.model_config, hp.trust_remote_code)
+        self.reward_model = self.prepare_trainable(rm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Scores ``(N,)`` of right-padded sequences; raw (what the loss sees) unless ``normalize``."""
@@ -136,19 +116,21 @@ class RewardModule(L.LightningModule):
             self.log(f"val/rm/{name}", metrics[name], prog_bar=name == "loss", batch_size=B, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The normalisation lives in the model config, not in the state dict.
         if self.reward_model is not None:
             checkpoint["reward_normalization"] = {"gain": self.reward_model.gain, "bias": self.reward_model.bias}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         norm = checkpoint.get("reward_normalization")
         if norm is not None:
             self.configure_model()
             self.reward_model.set_normalization(norm["gain"], norm["bias"])
 
-    def export_hf(self, path: str | Path) -> Path:
-        """``save_pretrained`` the ``*ForSequenceClassification`` (gain/bias in its config) and tokenizer."""
-        return save_hf(self.reward_model.model, self.tokenizer, path)
+    def export_model(self) -> torch.nn.Module:
+        """The ``*ForSequenceClassification`` (gain and bias travel in its config)."""
+        return self.reward_model.model
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import inspect
 import logging
 import time
@@ -24,52 +23,27 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from rlhf_lightning.base import PolicySystem
 from rlhf_lightning.data.collate import IGNORE_INDEX
 from rlhf_lightning.generation import SamplingConfig
-from rlhf_lightning.logprobs import sequence_logprobs, token_logprobs
+from rlhf_lightning.importing import import_callable, import_path
+from rlhf_lightning.logprobs import sequence_logprobs
 from rlhf_lightning.losses import dpo_loss
-from rlhf_lightning.models import causal_lm_logits, disable_dropout as _disable_dropout, freeze, load_causal_lm
+from rlhf_lightning.models import response_logprobs
+from rlhf_lightning.systems.base import PolicySystem
 
 log = logging.getLogger(__name__)
 
-REF_PREFIX = "ref_policy."
-
-
-def _import_path(fn: Callable) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
-
-
-def _resolve(fn: Callable | str) -> Callable:
-    """A callable, or the dotted import path stored in a checkpoint's hyperparameters."""
-    if callable(fn):
-        return fn
-    module, _, name = fn.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False
-) -> torch.Tensor:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
     """``(N,)`` log-probs of each row's response tokens (``labels != -100``), summed or averaged.
 
-    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so the labels are shifted by one;
-    prompt and padding positions carry ``-100`` and count for nothing. Logits are computed
-    only from the first scored column on (``logits_to_keep``, where the model takes it):
-    the LM head and log-softmax skip the prompt columns, saving time and memory.
+    The scored columns start at the first column holding a response token in any row
+    (``models.response_logprobs`` skips the LM head on the prompt columns before it);
+    prompt and padding positions after it carry ``-100`` and count for nothing.
     """
-    ids = batch["input_ids"]
-    labels = batch["labels"][:, 1:]  # (N, T-1)
-    mask = labels != IGNORE_INDEX  # (N, T-1)
-    start = 0
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        start = int(mask.any(0).int().argmax())  # first column with a scored token
-        logits = causal_lm_logits(model, ids, batch["attention_mask"], logits_to_keep=ids.shape[1] - start)
-    else:
-        logits = causal_lm_logits(model, ids, batch["attention_mask"])  # (N, T, V)
-    labels, mask = labels[:, start:], mask[:, start:]  # (N, T-1-start)
-    logps = token_logprobs(logits[:, :-1], labels.masked_fill(~mask, 0))  # (N, T-1-start)
-    return sequence_logprobs(logps, mask, average=average)  # (N,)
+    scored = batch["labels"] != IGNORE_INDEX  # (N, T)
+    start = int(scored.any(0).int().argmax())  # first column with a scored token
+    logps = response_logprobs(model, batch["input_ids"], batch["attention_mask"], response_start=max(start, 1))
+    return sequence_logprobs(logps.logprobs, scored[:, max(start, 1):], average=average)  # (N,)
 
 
 class DPOModule(PolicySystem):
@@ -116,10 +90,10 @@ class DPOModule(PolicySystem):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "loss_fn"])
-        self.loss_fn = _resolve(loss_fn)
+        self.loss_fn = import_callable(loss_fn)
         # Stored as an import path: checkpoints stay loadable with ``weights_only=True``.
-        self.hparams["loss_fn"] = _import_path(self.loss_fn)
-        self._setup_common(model, model_config, tokenizer, optimizer, lr_scheduler, trust_remote_code, sampling)
+        self.hparams["loss_fn"] = import_path(self.loss_fn)
+        self._setup_policy(model, model_config, tokenizer, optimizer, lr_scheduler, trust_remote_code, sampling)
         self.loss_kwargs = dict(loss_kwargs or {})
         try:  # fail now, not at the first step, on an argument the loss does not take
             inspect.signature(self.loss_fn).bind_partial(beta=beta, **self.loss_kwargs)
@@ -129,40 +103,24 @@ class DPOModule(PolicySystem):
         self.length_normalized = bool(getattr(self.loss_fn, "length_normalized", False))
         # A reference that can be reloaded from its export is not stored in checkpoints.
         self.ref_reloadable = (ref_model or model) is not None
-        self.strict_loading = False
         self.ref_policy = None
         self.ref_cache: dict[str, torch.Tensor] = {}  # split -> (N, 2) chosen/rejected ref log-probs
 
     # ----------------------------------------------------------------------------- models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = self._load_policy()
-        if self.hparams.disable_dropout:
-            _disable_dropout(self.policy)
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+    def build_models(self) -> None:
+        self.policy = self.load_policy()
         if self.needs_reference:
-            self.ref_policy = self._load_reference()
+            self._load_reference()
 
-    def _load_reference(self) -> torch.nn.Module:
+    def _load_reference(self) -> None:
         hp = self.hparams
         if self.ref_reloadable:
-            ref = load_causal_lm(hp.ref_model or hp.model, self.tokenizer, trust_remote_code=hp.trust_remote_code)
+            ref = self.load_frozen_lm(hp.ref_model or hp.model)
         elif self.policy is not None and self.global_step == 0:
             ref = copy.deepcopy(self.policy)  # a policy built from model_config, before any update
         else:
             raise RuntimeError("no reference to reload: set ref_model (or model) to an export")
-        if hp.disable_dropout:
-            _disable_dropout(ref)
-        return freeze(ref)
-
-    def train(self, mode: bool = True):
-        # Lightning calls .train() on the whole system; the reference stays in eval mode.
-        super().train(mode)
-        if self.ref_policy is not None:
-            self.ref_policy.eval()
-        return self
+        self.add_frozen("ref_policy", ref, reloadable=self.ref_reloadable)
 
     # ----------------------------------------------------------------------------- reference log-probs
     @torch.no_grad()
@@ -174,7 +132,8 @@ class DPOModule(PolicySystem):
         whole set (simple; the reference pass is cheap next to training).
         """
         if self.ref_policy is None:
-            self.ref_policy = self._load_reference().to(self.device)
+            self._load_reference()
+            self.ref_policy.to(self.device)
         for split, loader in loaders.items():
             indices, values = [], []
             for batch in loader:
@@ -195,7 +154,7 @@ class DPOModule(PolicySystem):
 
     def free_reference(self) -> None:
         """Drop the reference model (after caching its log-probs) to give back its memory."""
-        self.ref_policy = None
+        self.remove_frozen("ref_policy")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -254,16 +213,3 @@ class DPOModule(PolicySystem):
         _, metrics = self._loss(batch, "val")
         self.log_dict({f"val/dpo/{k}": v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0] // 2,
                       sync_dist=True)
-
-    # ----------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ref_reloadable:  # reloaded from its export; do not copy it into every checkpoint
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(REF_PREFIX)]:
-                del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        missing = [k for k in self.state_dict() if not k.startswith(REF_PREFIX) and k not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights, e.g. {missing[:3]}")

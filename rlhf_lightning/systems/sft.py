@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.base import PolicySystem
+from rlhf_lightning.systems.base import PolicySystem
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.losses import sft_loss
 from rlhf_lightning.models import causal_lm_logits
@@ -35,17 +35,12 @@ class SFTModule(PolicySystem):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self._setup_common(model, model_config, tokenizer, optimizer, lr_scheduler, trust_remote_code, sampling)
-        self.gradient_checkpointing = gradient_checkpointing
+        self._setup_policy(model, model_config, tokenizer, optimizer, lr_scheduler, trust_remote_code, sampling)
         # Token-weighted mean of the validation NLL, reduced across ranks by torchmetrics.
         self.val_nll = MeanMetric()
 
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = self._load_policy()
-        if self.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+    def build_models(self) -> None:
+        self.policy = self.load_policy()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = causal_lm_logits(self.policy, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
