@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 
@@ -22,6 +23,21 @@ class SamplingConfig:
     top_p: float = 1.0
     do_sample: bool = True
     min_new_tokens: int = 0
+
+
+def warn_if_truncated(cfg: SamplingConfig, method: str) -> None:
+    """Warn when an on-policy method samples from a truncated (top-k, top-p) or greedy distribution.
+
+    Log-probs, ratios and the KL are computed under the full softmax at the sampling
+    temperature, so such samples make the update off-policy and the KL misestimated.
+    """
+    if not cfg.do_sample or cfg.top_k or cfg.top_p < 1.0:
+        rank_zero_warn(
+            f"{method} sampling with do_sample={cfg.do_sample}, top_k={cfg.top_k}, top_p={cfg.top_p}: responses come "
+            "from a truncated (or greedy) distribution, while log-probs, ratios and the KL are computed under the full "
+            "softmax, so the update is off-policy and the KL is misestimated. Use do_sample=true, top_k=0, "
+            "top_p=1.0 unless that is what you want."
+        )
 
 
 @dataclass

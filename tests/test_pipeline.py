@@ -88,3 +88,121 @@ def test_pipeline_end_to_end_interrupt_and_resume(tmp_path, capsys, monkeypatch)
     capsys.readouterr()
     cli_main(pipeline_args(run_dir) + ["--only=[sft, reward, ppo, dpo]"])
     assert capsys.readouterr().out.count("already done: skipped") == 4
+
+
+# ----------------------------------------------------------------------------- stage registry and wiring
+
+
+def _pipeline(run_dir: Path, **cfg):
+    from rlhf_lightning.pipeline import Pipeline
+
+    return Pipeline({"run_dir": str(run_dir), "seed": 3, "gold_reward": "pkg.mod:gold", "data": None, **cfg})
+
+
+def test_stage_config_sets_only_inputs_root_dir_seed_and_overrides(tmp_path):
+    import yaml
+
+    from rlhf_lightning.pipeline import STAGES, config_path
+
+    run_dir = tmp_path / "run"
+    (run_dir / "sft/hf").mkdir(parents=True)
+    (run_dir / "sft/hf/config.json").write_text("{}")
+    (run_dir / "reward/hf").mkdir(parents=True)
+    (run_dir / "reward/hf/config.json").write_text("{}")
+    p = _pipeline(run_dir, stages={"ppo": {"overrides": {"trainer.max_steps": 7}}})
+    cfg = p.stage_config(STAGES["ppo"])
+    shipped = yaml.safe_load(config_path("ppo.yaml").read_text())
+    assert cfg["inputs"] == {
+        "tokenizer": str(run_dir / "data/tokenizer"), "sft": str(run_dir / "sft/hf"),
+        "reward": str(run_dir / "reward/hf"), "prompts_file": str(run_dir / "data/prompts_train.jsonl"),
+        "heldout_prompts_file": str(run_dir / "data/prompts_heldout.jsonl"), "gold_reward": "pkg.mod:gold"}
+    assert cfg["trainer"]["default_root_dir"] == str(run_dir / "ppo")
+    assert cfg["seed_everything"] == 3 and cfg["trainer"]["max_steps"] == 7
+    # Nothing else of the stage's YAML is touched: no path rewriting, no callback patching.
+    for key in ("inputs", "seed_everything"):
+        cfg.pop(key), shipped.pop(key)
+    for key in ("default_root_dir", "max_steps"):
+        cfg["trainer"].pop(key), shipped["trainer"].pop(key)
+    assert cfg == shipped
+
+
+def test_missing_export_names_the_stage_that_writes_it(tmp_path):
+    from rlhf_lightning.pipeline import STAGES
+
+    p = _pipeline(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"stage 'reward' reads the export of stage 'sft'.*run the 'sft' stage"):
+        p.stage_config(STAGES["reward"])
+
+
+def test_a_new_stage_is_one_registry_entry_plus_its_config(tmp_path, monkeypatch):
+    import yaml
+
+    from rlhf_lightning.pipeline import STAGES, Stage, config_path, register_stage
+    from rlhf_lightning.pipeline import stages as stages_module
+
+    monkeypatch.setattr(stages_module, "STAGES", dict(STAGES))
+    monkeypatch.setattr("rlhf_lightning.pipeline.runner.STAGES", stages_module.STAGES)
+    config = tmp_path / "dpo_strong.yaml"
+    config.write_text(config_path("dpo.yaml").read_text().replace("beta: 0.1", "beta: 0.5"))
+    stage = Stage("dpo_strong", consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file"),
+                  config=str(config), policy=True)
+    register_stage(stage)
+    run_dir = tmp_path / "run"
+    (run_dir / "sft/hf").mkdir(parents=True)
+    (run_dir / "sft/hf/config.json").write_text("{}")
+    cfg = _pipeline(run_dir).stage_config(stage)
+    assert cfg["model"]["init_args"]["beta"] == 0.5
+    assert cfg["inputs"]["sft"] == str(run_dir / "sft/hf")
+    assert cfg["trainer"]["default_root_dir"] == str(run_dir / "dpo_strong")
+    assert "dpo_strong" in stages_module.STAGES and yaml.safe_dump(cfg)
+    with pytest.raises(ValueError, match="already registered"):
+        register_stage(stage)
+
+
+def test_unknown_stage_names_fail_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["pipeline", f"--run_dir={tmp_path / 'run'}", "--only=[sft, rewrad]"])
+    assert "rewrad" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_root_dir_moves_every_output_path(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "-c", str(ROOT / "configs/ppo.yaml"), "--trainer.default_root_dir=/elsewhere/ppo",
+                  "--inputs.sft=/exports/sft", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert {lg["init_args"]["save_dir"] for lg in cfg["trainer"]["logger"]} == {"/elsewhere/ppo"}
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in cfg["trainer"]["callbacks"]}
+    assert callbacks["ModelCheckpoint"]["dirpath"] == "/elsewhere/ppo/checkpoints"
+    assert cfg["model"]["init_args"]["model"] == "/exports/sft"
+    assert cfg["model"]["init_args"]["reward_model"] == "runs/demo/reward/hf"  # the config's own default
+
+
+@pytest.mark.slow
+def test_pipeline_runs_from_a_non_editable_install(tmp_path):
+    # A wheel installed elsewhere: the stage configs must come from the package, not a checkout.
+    import os
+    import subprocess
+    import sys
+
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("rlhf_lightning-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    stages = {"sft": {"overrides": {"model.init_args.model_config": json.loads(TINY), "trainer.max_steps": 2,
+                                    "trainer.enable_progress_bar": False, "trainer.limit_val_batches": 1}}}
+    code = ("import rlhf_lightning, sys; assert rlhf_lightning.__file__.startswith(sys.argv[1]), rlhf_lightning.__file__; "
+            "from rlhf_lightning.cli import cli_main; cli_main(sys.argv[2:])")
+    args = [sys.executable, "-c", code, str(site), "pipeline", "--run_dir=run", "--only=[data, sft]",
+            f"--data={{\"demo\": true, \"demo_sizes\": {DEMO_SIZES}}}", f"--stages={json.dumps(stages)}"]
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (elsewhere / "run/sft/hf/model.safetensors").exists()
+    assert (elsewhere / "run/sft/checkpoints/last.ckpt").exists()

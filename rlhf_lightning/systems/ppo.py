@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.advantages import (
     AdaptiveKLController,
@@ -40,7 +39,13 @@ from rlhf_lightning.advantages import (
     kl_per_token,
 )
 from rlhf_lightning.callbacks import log_samples
-from rlhf_lightning.generation import Generation, SamplingConfig, decode_responses, sample_responses
+from rlhf_lightning.generation import (
+    Generation,
+    SamplingConfig,
+    decode_responses,
+    sample_responses,
+    warn_if_truncated,
+)
 from rlhf_lightning.logprobs import masked_mean, masked_whiten
 from rlhf_lightning.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_lightning.models import ValueHead, load_reward_model, response_logprobs
@@ -123,14 +128,7 @@ class PPOModule(PolicySystem):
             else FixedKLController(init_kl_coef)
         )
         kl_per_token(torch.zeros(1), torch.zeros(1), kl_estimator)  # fail early on a bad estimator name
-        s = self.sampling
-        if not s.do_sample or s.top_k or s.top_p < 1.0:
-            rank_zero_warn(
-                f"PPO sampling with do_sample={s.do_sample}, top_k={s.top_k}, top_p={s.top_p}: responses come from a "
-                "truncated (or greedy) distribution, while log-probs, ratios and the KL are computed under the full "
-                "softmax, so the update is off-policy and the KL is misestimated. Use do_sample=true, top_k=0, "
-                "top_p=1.0 unless that is what you want."
-            )
+        warn_if_truncated(self.sampling, "PPO")
         self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
         self.iteration = 0
         self.minibatch_generator = torch.Generator()

@@ -1,0 +1,214 @@
+"""KL-penalised per-token rewards, generalised advantage estimation and KL controllers.
+
+All tensors are over response (action) tokens: ``(B, A)``, with ``mask`` 1 on real
+response tokens (up to and including EOS) and 0 on padding. Results are 0 outside the
+mask. No metrics are returned here; the PPO module logs what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .logprobs import masked_var
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "kl_per_token",
+    "kl_penalized_rewards",
+    "gae",
+    "explained_variance",
+    "AdaptiveKLController",
+    "FixedKLController",
+]
+
+
+def _k1(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return logp - ref
+
+
+def _k2(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref) ** 2
+
+
+def _k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    log_r = ref - logp  # log(ref / pi)
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
+
+    With ``log r = log ref(y) - log pi(y)`` (Schulman 2020, "Approximating KL divergence"):
+
+    - ``k1 = -log r = log pi - log ref``: unbiased, can be negative per token;
+    - ``k2 = 0.5 (log r)^2``: biased, low variance, non-negative;
+    - ``k3 = (r - 1) - log r``: unbiased, low variance, non-negative.
+
+    Args:
+        logprobs: ``(B, A)`` log-probs under the policy that sampled the tokens.
+        ref_logprobs: ``(B, A)`` log-probs under the reference model.
+        estimator: one of ``"k1"``, ``"k2"``, ``"k3"``.
+
+    Returns:
+        ``(B, A)`` per-token KL estimates (not masked).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float | torch.Tensor,
+    estimator: str = "k1",
+) -> torch.Tensor:
+    """Dense per-token rewards: a KL penalty on every token plus the score at the end.
+
+    ``r_{b,t} = -kl_coef * KL_{b,t} + [t = last_b] * score_b`` on masked tokens, 0
+    elsewhere (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2), where ``last_b``
+    is the last masked position of row ``b`` (ragged rows allowed; a row with an empty
+    mask gets nothing).
+
+    Args:
+        scores: ``(B,)`` sequence-level reward-model scores (after any penalty).
+        logprobs: ``(B, A)`` rollout-policy log-probs.
+        ref_logprobs: ``(B, A)`` reference log-probs.
+        mask: ``(B, A)`` 1 on real response tokens.
+        kl_coef: KL penalty coefficient ``beta``.
+        estimator: see :func:`kl_per_token`.
+
+    Returns:
+        ``(B, A)`` rewards in the dtype of ``logprobs``.
+    """
+    m = mask.bool()
+    rewards = -kl_coef * kl_per_token(logprobs, ref_logprobs, estimator)  # (B, A)
+    rewards = torch.where(m, rewards, torch.zeros_like(rewards))
+    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)  # (B, A)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=-1).values  # (B,)
+    has_tokens = last >= 0  # (B,)
+    bonus = torch.where(has_tokens, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))  # (B,)
+    return rewards.scatter_add(-1, last.clamp_min(0).unsqueeze(-1), bonus.unsqueeze(-1))
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``; ``A_t = delta_t + gamma lam A_{t+1}``;
+    ``R_t = A_t + V_t``. Only masked positions are time steps: ``t+1`` is the next
+    masked position of the row, and the episode ends at the last masked token (the value
+    after it is 0, the episode is terminal). Positions outside the mask are skipped and
+    get 0. Vectorised over the batch; one Python step per response position.
+
+    Args:
+        rewards: ``(B, A)`` per-token rewards (e.g. :func:`kl_penalized_rewards`).
+        values: ``(B, A)`` critic values at rollout time.
+        mask: ``(B, A)`` 1 on real response tokens.
+        gamma: discount.
+        lam: GAE lambda (bias/variance trade-off).
+
+    Returns:
+        ``(advantages, returns)``, each ``(B, A)``, 0 outside the mask. Computed without
+        gradient tracking (they are targets).
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        zeros = torch.zeros_like(values[:, 0])  # (B,)
+        next_value, next_adv = zeros, zeros
+        advantages = torch.zeros_like(values)  # (B, A)
+        for t in reversed(range(values.shape[-1])):
+            m_t = m[:, t]  # (B,)
+            delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+            adv_t = delta + gamma * lam * next_adv  # (B,)
+            advantages[:, t] = torch.where(m_t, adv_t, zeros)
+            next_adv = torch.where(m_t, adv_t, next_adv)  # skip unmasked positions
+            next_value = torch.where(m_t, values[:, t], next_value)
+        returns = torch.where(m, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of the return variance explained by the critic: ``1 - Var[R - V] / Var[R]``.
+
+    1 is a perfect critic, 0 no better than a constant, negative worse. Variances are
+    over masked tokens; ``Var[R] = 0`` gives ``nan`` or ``inf`` (undefined).
+
+    Args:
+        values: ``(B, A)`` critic values.
+        returns: ``(B, A)`` returns.
+        mask: ``(B, A)``.
+
+    Returns:
+        Scalar tensor (detached).
+    """
+    values, returns = values.detach().float(), returns.detach().float()
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask)
+
+
+class AdaptiveKLController:
+    """Proportional controller for the KL coefficient (Ziegler et al. 2019,
+    "Fine-Tuning Language Models from Human Preferences").
+
+    ``err = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta (1 + err * n_steps / horizon)``:
+    the coefficient grows when the measured KL is above the target and shrinks below it.
+
+    Args:
+        init_kl_coef: starting coefficient.
+        target: KL (nats per sequence) to hold.
+        horizon: number of samples over which to correct a full error.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        """Adjust ``value`` after ``n_steps`` samples measured mean KL ``current_kl``."""
+        err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        """Plain-float state for checkpointing."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = float(state.get("horizon", self.horizon))
+
+
+class FixedKLController:
+    """Constant KL coefficient with the :class:`AdaptiveKLController` interface.
+
+    Args:
+        kl_coef: the coefficient.
+    """
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        """Does nothing (the coefficient is fixed)."""
+
+    def state_dict(self) -> dict[str, float]:
+        """Plain-float state for checkpointing."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.value = float(state["value"])

@@ -1,0 +1,1 @@
+"""The stage configs, shipped inside the package as ``rlhf_lightning.configs`` (see pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""Record formats and validation, DataModules, collators, and the bundled demo task."""

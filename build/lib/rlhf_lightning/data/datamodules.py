@@ -1,0 +1,398 @@
+"""LightningDataModules for every stage: SFT, preferences (reward model, DPO) and prompts (PPO).
+
+Each module loads its tokenizer in ``__init__`` (so a LightningModule can read
+``datamodule.tokenizer`` before the weights are built), and in ``setup`` reads, validates,
+splits and tokenises the data once. A subclass only names the record kind, the tokenise
+function and the collator.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from rlhf_lightning.data.collate import (
+    IGNORE_INDEX,
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_sft,
+)
+from rlhf_lightning.data.records import load_examples
+from rlhf_lightning.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded random split into ``(train, val)``; each part keeps the original order.
+
+    ``round(len * val_fraction)`` examples (at least one when ``val_fraction > 0``, and
+    never all of them) go to validation; ``val_fraction == 0`` gives no validation set.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0 or len(examples) < 2:
+        return list(examples), []
+    n_val = min(max(1, round(len(examples) * val_fraction)), len(examples) - 1)
+    val_idx = set(random.Random(seed).sample(range(len(examples)), n_val))
+    train = [ex for i, ex in enumerate(examples) if i not in val_idx]
+    return train, [ex for i, ex in enumerate(examples) if i in val_idx]
+
+
+def scored_tokens(features: dict[str, Any]) -> int:
+    """Label tokens an SFT example contributes to the loss (labels are shifted by one)."""
+    return sum(1 for label in features["labels"][1:] if label != IGNORE_INDEX)
+
+
+def example_length(features: dict[str, Any]) -> int:
+    """Tokens of the longest sequence in a feature dict (both sides of a preference pair)."""
+    return max(len(v) for k, v in features.items() if k.endswith("input_ids"))
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of ``chunk`` consecutive indices has similar lengths.
+
+    Each epoch: a random permutation cut into mega-batches that are sorted by length
+    (``transformers.trainer_pt_utils.get_length_grouped_indices``), then cut into chunks of
+    ``chunk`` indices whose order is shuffled too, so batch lengths do not cycle from long to
+    short; the chunk holding the longest example stays first (out-of-memory shows at once).
+    Under DDP, ``chunk`` should be ``batch_size x world_size``: Lightning deals the indices
+    to ranks in turn, so each rank's batch then comes from one chunk.
+
+    Args:
+        lengths: length of every example.
+        chunk: indices per group (a global batch).
+        generator: drives both shuffles; seed it identically on every rank.
+    """
+
+    def __init__(self, lengths: list[int], chunk: int, generator: torch.Generator | None = None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.lengths = list(lengths)
+        self.chunk = chunk
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        if not self.lengths:
+            return iter([])
+        order = get_length_grouped_indices(self.lengths, self.chunk, generator=self.generator)
+        chunks = [order[i : i + self.chunk] for i in range(0, len(order), self.chunk)]
+        first = max(range(len(chunks)), key=lambda c: max(self.lengths[i] for i in chunks[c]))
+        rest = [c for c in range(len(chunks)) if c != first]
+        rest = [rest[j] for j in torch.randperm(len(rest), generator=self.generator).tolist()]
+        return iter([i for c in [first, *rest] for i in chunks[c]])
+
+
+class TokenWindowSampler(Sampler[tuple[int, float]]):
+    """Tags every index with the loss denominator that makes gradient accumulation exact.
+
+    An optimizer step sees ``window = batch_size x world_size x accumulate`` consecutive
+    indices of the wrapped sampler's order (Lightning deals them to ranks in turn, each rank
+    accumulates ``accumulate`` micro-batches, DDP averages the ranks). If each micro-batch's
+    *summed* token loss is divided by ``N_window / (world_size x accumulate)``, where
+    ``N_window`` is the scored tokens of the whole window, the step's gradient is exactly
+    that of the token mean over the window, however unevenly tokens fall into micro-batches
+    (a per-micro-batch mean would weight a short micro-batch's tokens more). A last, shorter
+    window at the end of the epoch gets its own ``N``. Under DDP the order is padded to a
+    multiple of ``world_size`` here (repeating its start), so the distributed wrapper adds
+    nothing that the counts do not know of.
+
+    Yields ``(index, denominator)``; :class:`WindowedFeatures` attaches the denominator to
+    the example.
+    """
+
+    def __init__(self, base: Sampler[int], counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1):
+        self.base, self.counts = base, list(counts)
+        self.batch_size, self.accumulate, self.world_size = batch_size, max(1, accumulate), max(1, world_size)
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        return n + (-n) % self.world_size
+
+    def __iter__(self):
+        order = list(self.base)
+        order += order[: (-len(order)) % self.world_size]
+        window = self.batch_size * self.world_size * self.accumulate
+        share = self.world_size * self.accumulate
+        out = []
+        for start in range(0, len(order), window):
+            part = order[start : start + window]
+            denominator = max(sum(self.counts[i] for i in part), 1) / share
+            out += [(i, denominator) for i in part]
+        return iter(out)
+
+
+class WindowedFeatures(Dataset):
+    """Features looked up by ``(index, denominator)`` keys, with ``loss_denominator`` added."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict[str, Any]:
+        index, denominator = key
+        return {**self.features[index], "loss_denominator": denominator}
+
+
+class RLHFDataModule(L.LightningDataModule):
+    """Shared machinery: load, validate, split, pre-tokenise, and serve batches.
+
+    Args:
+        tokenizer: hub name or local path of the tokenizer (loaded eagerly).
+        train_file: training data (see ``records.read_records`` for accepted sources).
+        val_file: validation data; when None, ``val_fraction`` of ``train_file`` is held out.
+        val_fraction: seeded random fraction held out when ``val_file`` is None (0: none).
+        max_prompt_length: prompts longer than this (in tokens) are cut from the left.
+        max_response_length: responses (EOS included) longer than this are cut from the right.
+        batch_size: training batch size (pairs for preferences, prompts per rollout for PPO).
+        val_batch_size: validation batch size (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        strict: fail on the first bad record (True) or skip and count bad records (False).
+        seed: drives the validation split and the training shuffle.
+        trust_remote_code: passed to the tokenizer loader.
+        train_split: split read from a ``datasets`` dict or hub name for ``train_file``.
+        val_split: split read from a ``datasets`` dict or hub name for ``val_file``.
+        group_by_length: draw training batches of similar lengths (less padding, so
+            faster; still shuffled every epoch, see :class:`LengthGroupedSampler`).
+    """
+
+    kind: str = ""  # record kind for records.load_examples: "sft", "preference" or "prompt"
+    padding_side: str = "right"
+    # Training batches carry ``loss_denominator`` (see TokenWindowSampler): for losses that
+    # are a mean over tokens, whose micro-batches hold different numbers of tokens.
+    token_weighted: bool = False
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        max_prompt_length: int = 128,
+        max_response_length: int = 128,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        strict: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        train_split: str = "train",
+        val_split: str = "test",
+        group_by_length: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, padding_side=self.padding_side)
+        self.train_dataset: list[dict[str, Any]] | None = None
+        self.val_dataset: list[dict[str, Any]] = []
+
+    # --- what a subclass defines
+    def tokenize(self, example: Any) -> dict[str, Any]:
+        """Tokenise one example into the feature dict the collator expects."""
+        raise NotImplementedError
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The collate function of this module's batches."""
+        raise NotImplementedError
+
+    # --- shared machinery
+    def _load(self, source: str, split: str) -> list:
+        return load_examples(source, self.kind, self.tokenizer, strict=self.hparams.strict, split=split)
+
+    def _tokenize_all(self, examples: list, name: str) -> list[dict[str, Any]]:
+        """Tokenise ``examples`` and log how many prompts / responses were truncated."""
+        features = [self.tokenize(ex) for ex in examples]
+        p_cut = sum(f["prompt_truncated"] for f in features)
+        r_cut = sum(f.get("response_truncated", False) for f in features)
+        log.info(
+            "%s %s: %d examples; %d prompts truncated (left) to %d tokens; %d responses truncated (right) to %d tokens",
+            type(self).__name__, name, len(features), p_cut, self.hparams.max_prompt_length,
+            r_cut, self.hparams.max_response_length,
+        )
+        return features
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, validate, split and tokenise the data (once; later calls do nothing)."""
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        train = self._load(hp.train_file, hp.train_split)
+        if hp.val_file is not None:
+            val = self._load(hp.val_file, hp.val_split)
+        else:
+            train, val = split_examples(train, hp.val_fraction, hp.seed)
+        if not train:
+            raise ValueError(f"{hp.train_file}: no usable training records")
+        self.val_dataset = self._tokenize_all(val, "val")
+        self.train_dataset = self._tokenize_all(train, "train")
+
+    def _loader(self, dataset: list, batch_size: int, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
+                              num_workers=hp.num_workers)
+        generator = torch.Generator().manual_seed(hp.seed)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        sampler: Sampler | None = None
+        if hp.get("group_by_length", False):  # PromptDataModule does not offer it
+            sampler = LengthGroupedSampler([example_length(f) for f in dataset], batch_size * world, generator)
+        if self.token_weighted:
+            # The same seeded order as the plain shuffled loader, tagged for exact accumulation.
+            sampler = TokenWindowSampler(
+                sampler or RandomSampler(dataset, generator=generator), [scored_tokens(f) for f in dataset],
+                batch_size, accumulate=trainer.accumulate_grad_batches if trainer is not None else 1, world_size=world,
+            )
+            dataset = WindowedFeatures(dataset)
+        if sampler is None:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                              collate_fn=self.collator(), num_workers=hp.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
+                          num_workers=hp.num_workers)
+
+    def _require_setup(self) -> list[dict[str, Any]]:
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        return self.train_dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches."""
+        return self._loader(self._require_setup(), self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in file order, or ``[]`` (validation skipped) when there are none."""
+        self._require_setup()
+        if not self.val_dataset:
+            return []
+        return self._loader(self.val_dataset, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
+
+
+class SFTDataModule(RLHFDataModule):
+    """SFT batches: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)`` right-padded.
+
+    Training batches also carry ``loss_denominator`` (a float tensor): dividing a
+    micro-batch's summed token loss by it makes ``accumulate_grad_batches`` and DDP give
+    exactly the gradient of the token mean over all micro-batches of an optimizer step
+    (:class:`TokenWindowSampler`). It is read from the Trainer when the loader is built, so
+    a schedule that changes ``accumulate_grad_batches`` mid-run needs
+    ``reload_dataloaders_every_n_epochs=1``.
+    """
+
+    kind = "sft"
+    token_weighted = True
+
+    def tokenize(self, example: Any) -> dict[str, Any]:
+        hp = self.hparams
+        return tokenize_sft(example, self.tokenizer, hp.max_prompt_length, hp.max_response_length)
+
+    def collator(self) -> SFTCollator:
+        return SFTCollator(self.tokenizer.pad_token_id)
+
+
+class PreferenceDataModule(RLHFDataModule):
+    """Preference batches for reward modelling and DPO: ``input_ids``, ``attention_mask``,
+    ``labels`` ``(2B, T)`` (rows ``0..B-1`` chosen, ``B..2B-1`` rejected), ``num_pairs``,
+    ``index`` ``(B,)`` (each pair's position in its split), and ``margin`` ``(B,)`` when
+    the data has margins."""
+
+    kind = "preference"
+
+    def _tokenize_all(self, examples: list, name: str) -> list[dict[str, Any]]:
+        features = super()._tokenize_all(examples, name)
+        for i, f in enumerate(features):
+            f["index"] = i  # lets DPO cache per-pair reference log-probs (precompute_ref_logps)
+        return features
+
+    def tokenize(self, example: Any) -> dict[str, Any]:
+        hp = self.hparams
+        return tokenize_preference(example, self.tokenizer, hp.max_prompt_length, hp.max_response_length)
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id)
+
+
+class PromptDataModule(RLHFDataModule):
+    """Prompt batches for PPO rollouts and generation: ``input_ids``, ``attention_mask``
+    ``(B, Q)`` left-padded, and ``prompts`` (the raw texts).
+
+    A training batch is one rollout batch of ``batch_size`` prompts; ``max_response_length``
+    is the generation budget (new tokens per response). ``eval_file`` holds prompts for
+    generation-based evaluation: served by :meth:`eval_dataloader`, and used as the
+    validation set when given. :meth:`predict_dataloader` serves the held-out prompts
+    (``eval_file``, else the validation prompts, else the training prompts).
+    """
+
+    kind = "prompt"
+    padding_side = "left"
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        max_prompt_length: int = 128,
+        max_response_length: int = 64,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        strict: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        train_split: str = "train",
+        val_split: str = "test",
+        eval_file: str | None = None,
+    ):
+        super().__init__(
+            tokenizer, train_file, val_file, val_fraction, max_prompt_length, max_response_length,
+            batch_size, val_batch_size, num_workers, strict, seed, trust_remote_code, train_split, val_split,
+        )
+        self.eval_dataset: list[dict[str, Any]] = []
+
+    def tokenize(self, example: Any) -> dict[str, Any]:
+        return tokenize_prompt(example, self.tokenizer, self.hparams.max_prompt_length)
+
+    def collator(self) -> PromptCollator:
+        return PromptCollator(self.tokenizer.pad_token_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        """As the base class, plus the held-out ``eval_file`` prompts when given."""
+        if self.train_dataset is not None:
+            return
+        if self.hparams.eval_file is not None:
+            self.eval_dataset = self._tokenize_all(self._load(self.hparams.eval_file, self.hparams.val_split), "eval")
+        super().setup(stage)
+
+    def _eval_batches(self, dataset: list[dict[str, Any]]) -> DataLoader:
+        return self._loader(dataset, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def eval_dataloader(self) -> DataLoader | None:
+        """Held-out ``eval_file`` prompts in file order, or None without an ``eval_file``."""
+        self._require_setup()
+        return self._eval_batches(self.eval_dataset) if self.eval_dataset else None
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The ``eval_file`` prompts when given, else the validation prompts (or ``[]``)."""
+        loader = self.eval_dataloader()
+        return loader if loader is not None else super().val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts for ``rlhf-lightning predict``: ``eval_file``, else validation, else training prompts."""
+        train = self._require_setup()
+        return self._eval_batches(self.eval_dataset or self.val_dataset or train)

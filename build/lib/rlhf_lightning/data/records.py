@@ -1,0 +1,356 @@
+"""Reading records (JSONL, JSON, Parquet, ``datasets``) and validating them into typed examples.
+
+Three kinds of example feed the stages: :class:`SFTExample` (SFT), :class:`PreferenceExample`
+(reward model, DPO) and :class:`PromptExample` (PPO rollouts, generation). Each accepted
+record format is parsed by one function that either returns the example or raises a
+:class:`RecordError` naming the file, the line (or record index) and the problem, so that a
+bad record never passes silently. :func:`load_examples` ties reading and parsing together
+and can skip (and count) bad records instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from: ``file`` and ``line`` (1-based int for JSON Lines, or
+    ``"record N"`` with a 0-based index for JSON arrays, Parquet and ``datasets`` rows)."""
+
+    file: str
+    line: int | str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message is always ``"{file}:{line}: {problem}"``."""
+
+    def __init__(self, location: Location, problem: str):
+        self.location, self.problem = location, problem
+        super().__init__(f"{location.file}:{location.line}: {problem}")
+
+
+@dataclass
+class SFTExample:
+    """A prompt and the response the model should learn to produce after it."""
+
+    prompt: str
+    response: str
+
+
+@dataclass
+class PreferenceExample:
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response;
+    ``margin`` is an optional preference strength for margin-aware pairwise losses."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+
+
+@dataclass
+class PromptExample:
+    """A prompt to generate from (PPO rollouts, evaluation, prediction)."""
+
+    prompt: str
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _jsonl_records(text: str, file: str) -> Iterator[tuple[Location, dict | RecordError]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        loc = Location(file, number)
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield loc, RecordError(loc, f"line is not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(value, dict):
+            yield loc, RecordError(loc, f"expected a JSON object, got {type(value).__name__}")
+        else:
+            yield loc, value
+
+
+def _json_records(path: Path, file: str) -> Iterator[tuple[Location, dict | RecordError]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None  # not one JSON document: read it as JSON Lines
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            loc = Location(file, f"record {index}")
+            ok = isinstance(item, dict)
+            yield loc, item if ok else RecordError(loc, f"expected a JSON object, got {type(item).__name__}")
+    elif value is None or (isinstance(value, dict) and len(text.strip().splitlines()) == 1):
+        yield from _jsonl_records(text, file)
+    else:
+        loc = Location(file, 1)
+        yield loc, RecordError(loc, f"expected a JSON array of objects or JSON Lines, got one {type(value).__name__}")
+
+
+def _parquet_records(path: Path, file: str) -> Iterator[tuple[Location, dict]]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield Location(file, f"record {index}"), row
+            index += 1
+
+
+def _datasets_records(source: str, split: str, local: bool) -> Iterator[tuple[Location, dict]]:
+    import datasets
+
+    if local and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source}: no split {split!r} (splits: {sorted(ds)})")
+            ds = ds[split]
+    else:  # a hub name, or a folder of data files that `load_dataset` understands
+        ds = datasets.load_dataset(source, split=split)
+    for index, row in enumerate(ds):
+        yield Location(source, f"record {index}"), row
+
+
+def _iter_records(source: str | os.PathLike, split: str) -> Iterator[tuple[Location, dict | RecordError]]:
+    """Yield ``(location, record)`` pairs, or ``(location, RecordError)`` for unreadable ones."""
+    file = os.fspath(source)
+    path = Path(file)
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES + (".json", ".parquet") and not path.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    if suffix in JSONL_SUFFIXES:
+        yield from _jsonl_records(path.read_text(encoding="utf-8"), file)
+    elif suffix == ".json":
+        yield from _json_records(path, file)
+    elif suffix == ".parquet":
+        yield from _parquet_records(path, file)
+    else:
+        yield from _datasets_records(file, split, local=path.is_dir())
+
+
+def read_records(source: str | os.PathLike, split: str = "train") -> Iterator[tuple[Location, dict]]:
+    """Read raw records from a file, a saved ``datasets`` directory or a ``datasets`` name.
+
+    Args:
+        source: a ``.jsonl`` / ``.ndjson`` file (one object per line; blank lines skipped),
+            a ``.json`` file (an array of objects, or JSON Lines), a ``.parquet`` file, a
+            directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
+            or anything else ``datasets.load_dataset`` accepts (a hub name, a data folder).
+        split: the split to read from a ``DatasetDict`` or a hub data set.
+
+    Yields:
+        ``(location, record)`` with ``record`` a dict.
+
+    Raises:
+        RecordError: at the first line that is not valid JSON or not a JSON object.
+        FileNotFoundError: when a path with a data-file suffix does not exist.
+    """
+    for loc, record in _iter_records(source, split):
+        if isinstance(record, RecordError):
+            raise record
+        yield loc, record
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _string(record: dict, key: str, loc: Location) -> str:
+    """``record[key]`` as a non-empty string, or a RecordError saying what is wrong."""
+    if key not in record:
+        raise RecordError(loc, f"missing key {key!r} (record has keys {sorted(record)})")
+    value = record[key]
+    if value is None:
+        raise RecordError(loc, f"field {key!r} is null")
+    if not isinstance(value, str):
+        raise RecordError(loc, f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(loc, f"field {key!r} is empty")
+    return value
+
+
+def _messages(value: Any, key: str, loc: Location) -> list[dict]:
+    """Validate a chat as a non-empty list of ``{"role", "content"}`` with known roles."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(loc, f"field {key!r} must be a non-empty list of messages, got {type(value).__name__}")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(msg, dict):
+            raise RecordError(loc, f"{where} must be an object with 'role' and 'content', got {type(msg).__name__}")
+        try:
+            role, content = _string(msg, "role", loc), _string(msg, "content", loc)
+        except RecordError as err:
+            raise RecordError(loc, f"{where}: {err.problem}") from None
+        if role not in ROLES:
+            raise RecordError(loc, f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _chat_prompt(messages: list[dict], tokenizer: Any, loc: Location) -> str:
+    """Render prompt messages with the tokenizer's chat template, opening the assistant turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        # A configuration problem, not a bad record: never skipped by strict=False.
+        raise ValueError(f"{loc}: chat-format records need a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _split_reply(messages: list[dict], key: str, loc: Location) -> tuple[list[dict], str]:
+    """Split a chat into (prompt messages, final assistant reply)."""
+    if messages[-1]["role"] != "assistant":
+        raise RecordError(loc, f"last message of {key!r} must be from the assistant, got {messages[-1]['role']!r}")
+    if len(messages) < 2:
+        raise RecordError(loc, f"{key!r} has no prompt: it needs at least one message before the assistant's reply")
+    return messages[:-1], messages[-1]["content"]
+
+
+def parse_sft(record: dict, location: Location, tokenizer: Any = None) -> SFTExample:
+    """Parse ``{"prompt", "response"}`` or ``{"messages": [...]}`` (last message from the
+    assistant; the others rendered with the tokenizer's chat template) into an SFTExample."""
+    if "messages" in record:
+        prompt_msgs, response = _split_reply(_messages(record["messages"], "messages", location), "messages", location)
+        return SFTExample(_chat_prompt(prompt_msgs, tokenizer, location), response)
+    if "prompt" not in record:
+        raise RecordError(location, f"expected keys 'prompt' and 'response', or 'messages'; got {sorted(record)}")
+    return SFTExample(_string(record, "prompt", location), _string(record, "response", location))
+
+
+def _margin(record: dict, loc: Location) -> float | None:
+    value = record.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(loc, f"field 'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def split_hh_transcript(chosen: str, rejected: str, location: Location) -> tuple[str, str, str]:
+    """Split two Anthropic-HH transcripts into ``(prompt, chosen_response, rejected_response)``.
+
+    The prompt is the longest common prefix of both transcripts that ends with (and
+    includes) a ``"\\n\\nAssistant:"`` marker; the responses are the remainders with the
+    leading spaces stripped.
+    """
+    if chosen == rejected:
+        raise RecordError(location, "chosen and rejected are identical")
+    common = os.path.commonprefix([chosen, rejected])
+    end = common.rfind(HH_ASSISTANT)
+    if end < 0:
+        raise RecordError(location, f"no shared prompt: chosen and rejected share no {HH_ASSISTANT!r} turn")
+    prompt = chosen[: end + len(HH_ASSISTANT)]
+    chosen_resp, rejected_resp = chosen[len(prompt):].lstrip(" "), rejected[len(prompt):].lstrip(" ")
+    for name, text in (("chosen", chosen_resp), ("rejected", rejected_resp)):
+        if not text.strip():
+            raise RecordError(location, f"{name} response after the last shared {HH_ASSISTANT!r} is empty")
+    return prompt, chosen_resp, rejected_resp
+
+
+def parse_preference(record: dict, location: Location, tokenizer: Any = None) -> PreferenceExample:
+    """Parse a preference pair into a PreferenceExample.
+
+    Accepted: ``{"prompt", "chosen", "rejected"[, "margin"]}`` with strings;
+    conversational ``{"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}`` or
+    ``{"chosen": [msgs], "rejected": [msgs]}`` whose chats share every message but the
+    final assistant reply (prompt rendered with the chat template); and Anthropic-HH
+    transcripts ``{"chosen": str, "rejected": str}`` (see :func:`split_hh_transcript`).
+    """
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise RecordError(location, f"missing key {key!r} (record has keys {sorted(record)})")
+    margin = _margin(record, location)
+    prompt = record.get("prompt")
+    if isinstance(record["chosen"], list) or isinstance(record["rejected"], list) or isinstance(prompt, list):
+        lead = _messages(prompt, "prompt", location) if prompt is not None else []
+        chats = [lead + _messages(record[k], k, location) for k in ("chosen", "rejected")]
+        c_prompt, chosen = _split_reply(chats[0], "chosen", location)
+        r_prompt, rejected = _split_reply(chats[1], "rejected", location)
+        if c_prompt != r_prompt:
+            raise RecordError(location, "no shared prompt: chosen and rejected must share every message but the last")
+        if chosen == rejected:
+            raise RecordError(location, "chosen and rejected are identical")
+        return PreferenceExample(_chat_prompt(c_prompt, tokenizer, location), chosen, rejected, margin)
+    chosen, rejected = _string(record, "chosen", location), _string(record, "rejected", location)
+    if prompt is None:
+        return PreferenceExample(*split_hh_transcript(chosen, rejected, location), margin)
+    prompt = _string(record, "prompt", location)
+    if chosen == rejected:
+        raise RecordError(location, "chosen and rejected are identical")
+    return PreferenceExample(prompt, chosen, rejected, margin)
+
+
+def parse_prompt(record: dict, location: Location, tokenizer: Any = None) -> PromptExample:
+    """Parse ``{"prompt": str}``, or ``{"messages": [...]}`` / ``{"prompt": [...]}`` (a chat
+    that does not end with an assistant reply; rendered with the chat template)."""
+    key = "messages" if "messages" in record else "prompt"
+    if key not in record:
+        raise RecordError(location, f"expected key 'prompt' or 'messages'; got {sorted(record)}")
+    if key == "messages" or isinstance(record[key], list):
+        messages = _messages(record[key], key, location)
+        if messages[-1]["role"] == "assistant":
+            raise RecordError(location, f"last message of {key!r} must not be from the assistant in a prompt")
+        return PromptExample(_chat_prompt(messages, tokenizer, location))
+    return PromptExample(_string(record, "prompt", location))
+
+
+PARSERS: dict[str, Callable[..., Any]] = {"sft": parse_sft, "preference": parse_preference, "prompt": parse_prompt}
+
+
+def load_examples(
+    source: str | os.PathLike,
+    kind: str,
+    tokenizer: Any = None,
+    strict: bool = True,
+    split: str = "train",
+) -> list:
+    """Read ``source`` and parse every record into examples of ``kind``.
+
+    Args:
+        source: see :func:`read_records`.
+        kind: ``"sft"``, ``"preference"`` or ``"prompt"``.
+        tokenizer: needed for chat-format records (its chat template renders prompts).
+        strict: raise at the first bad record (default); when False, skip bad records and
+            log ``"skipped N bad records in FILE (first: ...)"`` as a warning.
+        split: see :func:`read_records`.
+
+    Returns:
+        The examples, in file order.
+    """
+    if kind not in PARSERS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(PARSERS)}")
+    parse = PARSERS[kind]
+    examples, skipped = [], []
+    for loc, record in _iter_records(source, split):
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            examples.append(parse(record, loc, tokenizer))
+        except RecordError as err:
+            if strict:
+                raise
+            skipped.append(err)
+    if skipped:
+        log.warning("skipped %d bad records in %s (first: %s)", len(skipped), os.fspath(source), skipped[0])
+    return examples

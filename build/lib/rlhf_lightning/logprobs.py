@@ -1,0 +1,198 @@
+"""Per-token log-probabilities, entropies and masked reductions.
+
+Every module (SFT, reward, DPO, PPO) computes log-probs and masked statistics with these
+functions, so the maths lives in exactly one place. Conventions: ``B`` batch, ``T``
+tokens, ``V`` vocabulary; ``mask`` is 1 (or True) on positions that count, 0 elsewhere.
+Masked reductions select with ``torch.where`` rather than multiplying, so ``inf``/``nan``
+at masked-out positions never leak into a result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "token_logprobs",
+    "entropy_from_logits",
+    "sequence_logprobs",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``.
+
+    ``log p(y_t) = z_t[y_t] - logsumexp(z_t)`` with ``z_t = logits_t / temperature``.
+    Logits and labels must already be aligned (the caller shifts: ``logits[:, :-1]``
+    predict ``input_ids[:, 1:]``). Dividing by the sampling temperature makes PPO ratios
+    and KL refer to the policy that actually generated the tokens.
+
+    Memory: works one batch row at a time in float32 (also for bf16/fp16 input), so at
+    most one ``(T, V)`` float32 copy exists at a time and no full ``log_softmax`` is kept.
+
+    Args:
+        logits: ``(B, T, V)`` unnormalised scores, any float dtype.
+        labels: ``(B, T)`` integer token ids in ``[0, V)`` (replace ignore indices first).
+        temperature: positive sampling temperature.
+
+    Returns:
+        ``(B, T)`` float32 log-probabilities.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not aligned")
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):  # one (T, V) float32 copy at a time
+        z = row_logits.float()
+        if temperature != 1.0:
+            z = z / temperature
+        picked = z.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1)  # (T,)
+        rows.append(picked - torch.logsumexp(z, dim=-1))
+    if not rows:
+        return logits.new_zeros(labels.shape, dtype=torch.float32)
+    return torch.stack(rows)  # (B, T)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` at every position, in float32.
+
+    ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` (stable: no ``log`` of a probability;
+    ``-inf`` logits, e.g. from top-k filtering, contribute 0).
+    Computed one leading row at a time to bound the float32 working memory.
+
+    Args:
+        logits: ``(..., V)`` unnormalised scores.
+
+    Returns:
+        ``(...)`` float32 entropies (nats).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    n_chunks = logits.shape[0] if logits.dim() > 2 else 1  # one batch row at a time
+    out = []
+    for part in flat.chunk(max(1, n_chunks)):
+        z = part.float()
+        finite_z = torch.where(torch.isneginf(z), torch.zeros_like(z), z)  # -inf logits have p = 0
+        out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * finite_z).sum(-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over positions where ``mask`` is set.
+
+    Args:
+        x: tensor of any shape.
+        mask: same shape as ``x`` (bool or 0/1).
+        dim: reduce over this dimension; ``None`` reduces over everything.
+
+    Returns:
+        Scalar tensor, or ``x`` reduced over ``dim``.
+    """
+    picked = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return picked.sum() if dim is None else picked.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set ("token mean" when ``dim=None``).
+
+    ``sum(x * mask) / sum(mask)``; an empty mask gives 0 rather than ``nan`` (no
+    host sync is needed to check).
+
+    Args:
+        x: tensor of any shape.
+        mask: same shape as ``x``.
+        dim: reduce over this dimension; ``None`` reduces over everything.
+
+    Returns:
+        Scalar tensor, or ``x`` reduced over ``dim``.
+    """
+    count = masked_sum(torch.ones_like(x), mask, dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all masked positions (scalar).
+
+    Two-pass: ``sum((x - mean)^2 * mask) / (n - 1)`` (or ``/ n`` when ``unbiased=False``),
+    ``n = sum(mask)``. The denominator is clamped to at least 1, so ``n <= 1`` gives 0.
+
+    Args:
+        x: tensor of any shape.
+        mask: same shape as ``x``.
+        unbiased: apply Bessel's correction.
+
+    Returns:
+        Scalar tensor.
+    """
+    mean = masked_mean(x, mask)
+    n = mask.bool().sum().to(x.dtype)
+    sq = masked_sum((x - mean) ** 2, mask)
+    return sq / ((n - 1) if unbiased else n).clamp_min(1)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: bool = False, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise ``x`` to mean 0 and (unbiased) variance 1 over the masked positions.
+
+    ``(x - mean) / sqrt(var + eps)`` (``+ mean`` again when ``shift_mean=False``, which
+    only rescales), set to 0 outside the mask. Statistics are computed in float32.
+
+    Distributed: with ``all_reduce=True`` and an initialised ``torch.distributed``
+    process group, the per-rank sum and count are all-reduced (SUM) to get the global
+    mean, then the per-rank sum of squared deviations from that global mean is
+    all-reduced (SUM); every rank thus whitens with the statistics of the whole
+    rollout batch (two tiny collectives; every rank must call this). The two-pass form
+    equals ``sumsq / n - mean^2`` but avoids its cancellation error. Without a process
+    group ``all_reduce`` is ignored.
+
+    Args:
+        x: tensor of any shape, e.g. ``(B, A)`` advantages.
+        mask: same shape as ``x``.
+        shift_mean: if False, keep the original mean (only divide by the std).
+        all_reduce: use global statistics across ranks.
+        eps: added to the variance.
+
+    Returns:
+        Tensor like ``x`` (float32 stats cast back to ``x.dtype``), 0 outside the mask.
+    """
+    xf = x.float()
+    m = mask.bool()
+    stats = torch.stack([masked_sum(xf, m), m.sum().float()])  # (2,) sum, count
+    distributed = all_reduce and dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    total, n = stats[0], stats[1]
+    mean = total / n.clamp_min(1)
+    sq = masked_sum((xf - mean) ** 2, m)
+    if distributed:
+        sq = sq.clone()
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    var = sq / (n - 1).clamp_min(1)
+    whitened = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, torch.zeros_like(whitened)).to(x.dtype)
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per-sequence log-probability: sum (or mean) of masked token log-probs.
+
+    ``log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t)``; ``average=True`` divides by the
+    number of masked tokens (length-normalised, as SimPO uses).
+
+    Args:
+        token_logps: ``(B, T)`` token log-probs (from :func:`token_logprobs`).
+        mask: ``(B, T)`` 1 on response tokens.
+        average: return the per-token mean instead of the sum.
+
+    Returns:
+        ``(B,)`` tensor.
+    """
+    if average:
+        return masked_mean(token_logps, mask, dim=-1)
+    return masked_sum(token_logps, mask, dim=-1)

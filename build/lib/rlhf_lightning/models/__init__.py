@@ -1,0 +1,50 @@
+"""Modelling: loading, the reward model and value head, preparation, and the shared forward passes."""
+
+from rlhf_lightning.models.forward import (
+    ResponseOutputs,
+    causal_lm_logits,
+    last_token_index,
+    position_ids_from_mask,
+    response_logprobs,
+)
+from rlhf_lightning.models.loading import (
+    build_config,
+    load_causal_lm,
+    load_tokenizer,
+    resize_for_tokenizer,
+    save_hf,
+)
+from rlhf_lightning.models.prepare import disable_dropout, freeze, prepare_frozen, prepare_trainable
+from rlhf_lightning.models.reward import (
+    REWARD_BIAS_KEY,
+    REWARD_GAIN_KEY,
+    RewardModel,
+    ValueHead,
+    build_reward_model,
+    init_score_head,
+    load_reward_model,
+)
+
+__all__ = [
+    "REWARD_BIAS_KEY",
+    "REWARD_GAIN_KEY",
+    "ResponseOutputs",
+    "RewardModel",
+    "ValueHead",
+    "build_config",
+    "build_reward_model",
+    "causal_lm_logits",
+    "disable_dropout",
+    "freeze",
+    "init_score_head",
+    "last_token_index",
+    "load_causal_lm",
+    "load_reward_model",
+    "load_tokenizer",
+    "position_ids_from_mask",
+    "prepare_frozen",
+    "prepare_trainable",
+    "resize_for_tokenizer",
+    "response_logprobs",
+    "save_hf",
+]

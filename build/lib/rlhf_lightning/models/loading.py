@@ -1,0 +1,101 @@
+"""Loading tokenizers and causal LMs, and writing exports.
+
+Every model comes from one of two places:
+
+* ``name_or_path``: a hub name or a local directory, through the real
+  ``from_pretrained`` path (``trust_remote_code`` stays off unless asked for);
+* ``model_config``: a dict of ``transformers`` config fields (``model_type`` plus
+  dimensions), for a model trained from scratch (the demo task, the tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub name or a local directory and make it safe for RLHF.
+
+    A tokenizer without a pad token, or whose pad token equals EOS, gets a dedicated
+    ``<pad>`` token added (the model's embeddings must then be resized: see
+    ``resize_for_tokenizer``). Pad == EOS would mask every EOS out of the loss, and the
+    model would never learn to stop.
+    """
+    tok = AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; set one before training")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        old = tok.pad_token
+        tok.add_special_tokens({"pad_token": "<pad>"})
+        log.warning(
+            "tokenizer %s: pad token was %r (missing or equal to EOS); added a dedicated %r (id %d)",
+            name_or_path, old, tok.pad_token, tok.pad_token_id,
+        )
+    tok.padding_side = padding_side
+    return tok
+
+
+def build_config(model_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None):
+    """A ``transformers`` config from a dict (``model_type`` defaults to ``llama``), sized to ``tokenizer``."""
+    fields = dict(model_config)
+    model_type = fields.pop("model_type", "llama")
+    fields.update(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if num_labels is not None:
+        fields["num_labels"] = num_labels
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (a pad token, say), and record the special ids."""
+    n = len(tokenizer)
+    if model.get_input_embeddings().num_embeddings < n:
+        log.warning("resizing embeddings from %d to %d tokens", model.get_input_embeddings().num_embeddings, n)
+        model.resize_token_embeddings(n, mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a hub name / local directory, or built fresh from ``model_config``."""
+    if (name_or_path is None) == (model_config is None):
+        raise ValueError("give exactly one of a model name/path or a model_config")
+    if name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.fspath(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(build_config(model_config, tokenizer), dtype=dtype)
+    resize_for_tokenizer(model, tokenizer)
+    return model
+
+
+def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """``save_pretrained`` model (safetensors) and tokenizer into ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(os.fspath(path), safe_serialization=True)
+    tokenizer.save_pretrained(os.fspath(path))
+    return path

@@ -1,0 +1,121 @@
+"""The registry of pipeline stages: what each one reads and what it writes.
+
+A stage reads *inputs* by name and a training stage writes one export,
+``<run_dir>/<stage>/hf``, which later stages read under the stage's name. The names:
+
+* data (written by the ``data`` stage or given by the user): ``tokenizer``, ``sft_file``,
+  ``preference_train_file``, ``preference_val_file``, ``prompts_file``,
+  ``heldout_prompts_file``;
+* exports: the name of the training stage that writes them (``sft``, ``reward``, ...);
+* settings: ``gold_reward`` (``module:function`` or None).
+
+A training stage's YAML lists the same names in its ``inputs`` block; the runner sets
+``inputs.<name>`` for each name the stage consumes and ``trainer.default_root_dir`` to
+the stage's directory, and nothing else. Adding a stage is one :func:`register_stage`
+call plus its config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhf_lightning.pipeline.runner import Pipeline
+
+DATA_INPUTS = (
+    "tokenizer",
+    "sft_file",
+    "preference_train_file",
+    "preference_val_file",
+    "prompts_file",
+    "heldout_prompts_file",
+)
+SETTINGS = ("gold_reward",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    Attributes:
+        name: the stage's name (its directory under the run directory, its export's name).
+        consumes: the inputs it reads (see the module docstring).
+        config: for a training stage, its YAML in ``configs/`` (a ``fit`` run that writes
+            the export ``<run_dir>/<name>/hf``); None for the others.
+        run: for the other stages, ``run(pipeline)`` does the work.
+        done: for the other stages, ``done(pipeline)`` says whether its output exists.
+        policy: its export is a policy that the evaluation compares.
+    """
+
+    name: str
+    consumes: tuple[str, ...] = ()
+    config: str | None = None
+    run: Callable[[Pipeline], None] | None = None
+    done: Callable[[Pipeline], bool] | None = None
+    policy: bool = False
+
+    @property
+    def trains(self) -> bool:
+        return self.config is not None
+
+    def __post_init__(self) -> None:
+        if (self.config is None) == (self.run is None):
+            raise ValueError(f"stage {self.name!r}: give a config (training stage) or a run function, not both")
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Add ``stage`` to the registry; stages run in registration order."""
+    if stage.name in STAGES:
+        raise ValueError(f"a stage named {stage.name!r} is already registered")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def _data_done(p: Pipeline) -> bool:
+    return all(p.path_exists(p.inputs[name]) for name in DATA_INPUTS if p.inputs.get(name))
+
+
+def _run_data(p: Pipeline) -> None:
+    p.make_data()
+
+
+def _run_evaluate(p: Pipeline) -> None:
+    p.evaluate()
+
+
+def _run_report(p: Pipeline) -> None:
+    p.report()
+
+
+register_stage(Stage("data", run=_run_data, done=_data_done))
+register_stage(Stage("sft", consumes=("tokenizer", "sft_file"), config="sft.yaml", policy=True))
+register_stage(
+    Stage(
+        "reward",
+        consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file", "sft_file"),
+        config="reward.yaml",
+    )
+)
+register_stage(
+    Stage(
+        "ppo",
+        consumes=("tokenizer", "sft", "reward", "prompts_file", "heldout_prompts_file", "gold_reward"),
+        config="ppo.yaml",
+        policy=True,
+    )
+)
+register_stage(
+    Stage("dpo", consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file"), config="dpo.yaml",
+          policy=True)
+)
+# Evaluation reads every policy export there is, the SFT export as reference, the reward export if any.
+register_stage(
+    Stage("evaluate", consumes=("sft", "heldout_prompts_file", "gold_reward"), run=_run_evaluate,
+          done=lambda p: (p.run_dir / "eval.json").exists())
+)
+register_stage(Stage("report", run=_run_report, done=lambda p: False))  # cheap: always rewritten
