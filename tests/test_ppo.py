@@ -11,6 +11,7 @@ import torch
 from rlhf_lightning.data.datamodules import PromptDataModule
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.models import build_reward_model, load_causal_lm, save_hf
+from rlhf_lightning.rl.critics import ValueHeadCritic
 from rlhf_lightning.systems.ppo import PPOModule
 from tests.conftest import quiet_trainer
 
@@ -65,12 +66,12 @@ def test_first_minibatch_ratio_exactly_one(exports, tmp_path):
     module = make(exports, ppo_epochs=2, minibatch_size=2)
     dm = make_data(exports)
     trainer(tmp_path, max_steps=4).fit(module, datamodule=dm)  # one iteration: 2 epochs x 2 minibatches
-    first = module.update_stats[0]
+    first = module.learner.update_stats[0]
     assert first["ratio_mean"].item() == 1.0
     assert first["approx_kl"].item() == 0.0
     assert first["clipfrac"].item() == 0.0
     # Later minibatches see an updated policy.
-    assert any(s["approx_kl"].item() > 0 for s in module.update_stats[1:])
+    assert any(s["approx_kl"].item() > 0 for s in module.learner.update_stats[1:])
 
 
 def test_frozen_models_unchanged_trainable_changed(exports, tmp_path):
@@ -135,12 +136,12 @@ def test_shared_value_head_runs_and_starts_at_zero(exports, tmp_path):
     L.seed_everything(0)
     module = make(exports, shared_value_head=True, ppo_epochs=1)
     module.configure_model()
-    assert module.critic is None
+    assert isinstance(module.critic, ValueHeadCritic)  # no second model
     batch = next(iter(make_data(exports).train_dataloader()))
     r, _ = module.collect_rollout(batch)
     assert torch.all(r.values == 0)  # zero-initialised head
     trainer(tmp_path, max_steps=2).fit(module, datamodule=make_data(exports))
-    assert module.value_head.summary.weight.abs().sum() > 0
+    assert module.critic.summary.weight.abs().sum() > 0
 
 
 def test_resume_restores_kl_coef_and_step(exports, tmp_path):
@@ -187,7 +188,7 @@ def test_ppo_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
            "--model.init_args.sampling.max_new_tokens=6", "--data.init_args.val_batch_size=8"]
     proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = (demo_workspace / "runs/demo/ppo/logs/metrics.csv").read_text()
+    metrics = (tmp_path / "logs/metrics.csv").read_text()  # everything under default_root_dir
     assert "ppo/kl_coef" in metrics and "eval/gold_reward" in metrics
 
 
@@ -233,7 +234,7 @@ def test_micro_batch_accumulation_matches_full_minibatch(exports):
     grads = []
     for micro in (8, 2, 1):
         module.zero_grad(set_to_none=True)
-        module.accumulate_gradients(r, micro, backward=lambda loss: loss.backward())
+        module.learner.accumulate_gradients(r, micro, backward=lambda loss: loss.backward())
         grads.append([p.grad.clone() for p in params])
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
@@ -257,10 +258,10 @@ def test_reusing_the_first_learning_forward_changes_nothing(exports, tmp_path, s
                 logged.update({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("ppo/")})
 
         trainer(tmp_path, max_steps=6, callbacks=[Keep()]).fit(module, datamodule=dm)  # 2 iterations x 3 epochs
-        value_module = module.value_head if shared_value_head else module.critic
+        value_module = module.critic
         weights = {**{f"p.{k}": v for k, v in module.policy.state_dict().items()},
                    **{f"v.{k}": v for k, v in value_module.state_dict().items()}}
-        results.append((weights, logged, module.update_stats))
+        results.append((weights, logged, module.learner.update_stats))
     (w_reuse, log_reuse, upd_reuse), (w_plain, log_plain, upd_plain) = results
     for k in w_plain:
         torch.testing.assert_close(w_reuse[k], w_plain[k], rtol=1e-4, atol=1e-6)
@@ -321,7 +322,7 @@ def test_several_rollout_batches_per_learning_phase(exports, tmp_path):
         trainer(tmp_path, max_steps=2, callbacks=[Count()]).fit(module, datamodule=make_data(exports, batch_size=4))
         # Batch 0 only collects; batch 1 completes the buffer and takes 2 optimizer steps (2 epochs).
         assert seen == [(0, 0, 0), (1, 2, 1)]
-        assert len(module.update_stats) == 2 and module.update_stats[0]["ratio_mean"].item() == 1.0
+        assert len(module.learner.update_stats) == 2 and module.learner.update_stats[0]["ratio_mean"].item() == 1.0
         weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6)

@@ -74,7 +74,7 @@ def validate_scores(out, n: int, what: str) -> torch.Tensor:
     return torch.tensor([float(v) for v in out], dtype=torch.float32)
 
 
-class RewardSources(nn.Module):
+class RewardSources:
     """The weighted sum of a frozen reward model (optional) and reward functions (optional).
 
     Args:
@@ -90,7 +90,6 @@ class RewardSources(nn.Module):
         reward_model_weight: float = 1.0,
         functions: Sequence[RewardFunctionSpec] = (),
     ):
-        super().__init__()
         if reward_model is None and not functions:
             raise ValueError("no reward source: give a reward model, reward functions, or both")
         self.reward_model = reward_model
@@ -98,7 +97,7 @@ class RewardSources(nn.Module):
         self.functions = [RewardFunction(s) for s in functions]
 
     @torch.no_grad()
-    def forward(
+    def __call__(
         self,
         prompts: Sequence[str],
         responses: Sequence[str],
@@ -110,17 +109,19 @@ class RewardSources(nn.Module):
         Returns ``(scores, metrics)``; metrics hold each source's mean score as
         ``score_<name>`` (``score_reward_model`` for the model).
         """
-        device = input_ids.device
-        total = torch.zeros(input_ids.shape[0], device=device)  # (B,)
+        parts: list[tuple[float, torch.Tensor]] = []
         metrics: dict[str, torch.Tensor] = {}
         if self.reward_model is not None:
             s = self.reward_model(input_ids, attention_mask).float()  # (B,)
             metrics["score_reward_model"] = s.mean()
-            total = total + self.reward_model_weight * s
+            parts.append((self.reward_model_weight, s))
         for fn in self.functions:
-            s = fn(prompts, responses).to(device)  # (B,)
+            s = fn(prompts, responses).to(input_ids.device)  # (B,)
             metrics[f"score_{fn.name}"] = s.mean()
-            total = total + fn.spec.weight * s
+            parts.append((fn.spec.weight, s))
+        total = parts[0][0] * parts[0][1]  # (B,)
+        for weight, s in parts[1:]:
+            total = total + weight * s
         return total, metrics
 
 

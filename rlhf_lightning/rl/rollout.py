@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from rlhf_lightning.generation import Generation
+
 __all__ = ["Rollout", "RolloutBuffer"]
 
 # How each field is padded when rollouts of different widths are concatenated.
@@ -36,6 +38,8 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None  # (B, A) log-probs under the frozen reference
     values: torch.Tensor | None = None  # (B, A) critic values at rollout time
     scores: torch.Tensor | None = None  # (B,) reward-model score after any penalty (e.g. no EOS)
+    group_ids: torch.Tensor | None = None  # (B,) samples of the same prompt share an id
+    prompts: list[str] | None = None  # (B,) prompt texts (for reward functions and sample logs)
     rewards: torch.Tensor | None = None  # (B, A) KL-penalised per-token rewards
     advantages: torch.Tensor | None = None  # (B, A) GAE advantages (whitened or not)
     returns: torch.Tensor | None = None  # (B, A) GAE returns, value targets
@@ -64,12 +68,22 @@ class Rollout:
 
     def to(self, device: torch.device | str) -> "Rollout":
         """A copy with every tensor moved to ``device``."""
-        return Rollout(**{k: None if v is None else v.to(device) for k, v in self._tensors().items()})
+        return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._tensors().items()})
 
     def select(self, indices: torch.Tensor | Sequence[int]) -> "Rollout":
         """A Rollout with the rows ``indices`` (in that order) of every field."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.query_ids.device)
-        return Rollout(**{k: None if v is None else v[idx] for k, v in self._tensors().items()})
+
+        def rows(v):
+            if v is None:
+                return None
+            return [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx]
+
+        return Rollout(**{k: rows(v) for k, v in self._tensors().items()})
+
+    def generation(self) -> Generation:
+        """The responses as a :class:`~rlhf_lightning.generation.Generation` (for decoding)."""
+        return Generation(self.response_ids, self.response_mask, self.response_mask.bool().any(-1))
 
     @classmethod
     def cat(cls, rollouts: Sequence["Rollout"], pad_token_id: int = 0) -> "Rollout":
@@ -96,6 +110,9 @@ class Rollout:
                 continue
             if any(p is None for p in parts):
                 raise ValueError(f"field {f.name!r} is set in some rollouts and None in others")
+            if isinstance(parts[0], list):
+                merged[f.name] = [x for p in parts for x in p]
+                continue
             if f.name in _QUERY_FIELDS or f.name in _RESPONSE_FIELDS:
                 width = max(p.shape[1] for p in parts)
                 fill = pad_token_id if f.name in _ID_FIELDS else 0
