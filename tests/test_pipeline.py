@@ -206,3 +206,18 @@ def test_pipeline_runs_from_a_non_editable_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (elsewhere / "run/sft/hf/model.safetensors").exists()
     assert (elsewhere / "run/sft/checkpoints/last.ckpt").exists()
+
+
+def test_a_stage_variant_runs_before_evaluation(monkeypatch):
+    from rlhf_lightning.pipeline import STAGES, derive_stage
+    from rlhf_lightning.pipeline import stages as stages_module
+
+    monkeypatch.setattr(stages_module, "STAGES", dict(STAGES))
+    monkeypatch.setattr("rlhf_lightning.pipeline.runner.STAGES", stages_module.STAGES)
+    stage = derive_stage("grpo_gold", like="grpo")
+    assert derive_stage("grpo_gold", like="grpo") == stage  # idempotent
+    names = list(stages_module.STAGES)
+    assert names.index("grpo") < names.index("grpo_gold") < names.index("evaluate")
+    assert stage.consumes == STAGES["grpo"].consumes and stage.config == "grpo.yaml" and stage.policy
+    with pytest.raises(ValueError, match="must name a training stage"):
+        derive_stage("x", like="report")

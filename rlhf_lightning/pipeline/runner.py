@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from rlhf_lightning.pipeline.stages import DATA_INPUTS, STAGES, Stage
+from rlhf_lightning.pipeline.stages import DATA_INPUTS, STAGES, Stage, derive_stage
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,9 @@ def build_parser() -> ArgumentParser:
                         help=f"data inputs {list(DATA_INPUTS)} (files; else the demo task), demo (bool), "
                              "demo_sizes, vocab_size")
     parser.add_argument("--stages", type=dict[str, dict[str, Any] | None] | None, default=None,
-                        help="training stages to run, each with an optional config (default: the shipped one) "
-                             "and overrides (dotted keys); default: every registered training stage")
+                        help="training stages to run, each with an optional config (default: the shipped one), "
+                             "overrides (dotted keys) and, for a variant under a new name, like: <stage>; "
+                             "default: every registered training stage")
     parser.add_argument("--evaluate", type=dict[str, Any] | None, default=None,
                         help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts")
     return parser
@@ -256,9 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg.pop("config", None)
     resume, only = cfg.pop("resume"), cfg.pop("only")
     specs = cfg.get("stages")
+    for name, spec in (specs or {}).items():
+        if name not in STAGES and (spec or {}).get("like"):
+            derive_stage(name, spec["like"], spec.get("config"))
     unknown = sorted(set(specs or {}) - {s.name for s in STAGES.values() if s.trains})
     if unknown:
-        parser.error(f"--stages names {unknown}, which are not training stages of {list(STAGES)}")
+        parser.error(f"--stages names {unknown}, which are not training stages of {list(STAGES)} "
+                     "(a variant of one needs 'like: <stage>')")
     unknown = sorted(set(only or ()) - set(STAGES))
     if unknown:
         parser.error(f"--only names {unknown}, which are not stages of {list(STAGES)}")

@@ -9,6 +9,9 @@ A stage reads *inputs* by name and a training stage writes one export,
 * exports: the name of the training stage that writes them (``sft``, ``reward``, ...);
 * settings: ``gold_reward`` (``module:function`` or None).
 
+A pipeline config can also run a variant of a training stage under a new name
+(``stages: {grpo_gold: {like: grpo, overrides: {...}}}``, see :func:`derive_stage`).
+
 A training stage's YAML lists the same names in its ``inputs`` block; the runner sets
 ``inputs.<name>`` for each name the stage consumes and ``trainer.default_root_dir`` to
 the stage's directory, and nothing else. Adding a stage is one :func:`register_stage`
@@ -68,11 +71,29 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(stage: Stage) -> Stage:
-    """Add ``stage`` to the registry; stages run in registration order."""
+def derive_stage(name: str, like: str, config: str | None = None) -> Stage:
+    """A variant of a registered training stage under a new name (same inputs, its own directory
+    and export), e.g. GRPO scored by a reward function beside GRPO scored by the reward model."""
+    if like not in STAGES or not STAGES[like].trains:
+        raise ValueError(f"stage {name!r}: 'like: {like}' must name a training stage of {list(STAGES)}")
+    base = STAGES[like]
+    stage = Stage(name, consumes=base.consumes, config=config or base.config, policy=base.policy)
+    if STAGES.get(name) == stage:  # the same variant again (a second pipeline run in one process)
+        return stage
+    return register_stage(stage, before="evaluate")
+
+
+def register_stage(stage: Stage, before: str | None = None) -> Stage:
+    """Add ``stage`` to the registry; stages run in registration order, or just ``before`` another."""
     if stage.name in STAGES:
         raise ValueError(f"a stage named {stage.name!r} is already registered")
-    STAGES[stage.name] = stage
+    if before is None:
+        STAGES[stage.name] = stage
+        return stage
+    items = list(STAGES.items())
+    at = [name for name, _ in items].index(before)
+    STAGES.clear()
+    STAGES.update(items[:at] + [(stage.name, stage)] + items[at:])
     return stage
 
 
@@ -113,6 +134,9 @@ register_stage(
     Stage("dpo", consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file"), config="dpo.yaml",
           policy=True)
 )
+# Critic-free online RL: the same inputs as PPO (the reward model, or only reward functions).
+for _name in ("grpo", "rloo", "reinforce_pp"):
+    register_stage(Stage(_name, consumes=STAGES["ppo"].consumes, config=f"{_name}.yaml", policy=True))
 # Evaluation reads every policy export there is, the SFT export as reference, the reward export if any.
 register_stage(
     Stage("evaluate", consumes=("sft", "heldout_prompts_file", "gold_reward"), run=_run_evaluate,
