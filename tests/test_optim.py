@@ -95,11 +95,16 @@ def test_no_warmup_starts_at_the_peak():
     reason="optim.py bug: a fractional warm-up of a non-whole number of steps "
     "overshoots the base lr, (s + 1) / W > 1 at the last warm-up step",
 )
-def test_fractional_warmup_never_exceeds_the_base_lr():
-    # W = 0.1 * 25 = 2.5 steps: s=0 -> 1/2.5 = 0.4, s=1 -> 0.8, s=2 -> 3/2.5 = 1.2 (> 1: the bug).
-    scheduler = WarmupCosineLR(_optimizer(), warmup_steps=0.1, total_steps=25, min_lr_ratio=0.1)
-    lrs = _lrs(scheduler, 25)
-    assert max(lrs) == pytest.approx(1.0)
+@pytest.mark.parametrize(
+    ("share", "total"),
+    [
+        (0.1, 25),  # W = 2.5 steps: s=0 -> 1/2.5 = 0.4, s=1 -> 0.8, s=2 -> 3/2.5 = 1.2 (> 1)
+        (0.05, 1),  # W = 0.05 (sft.yaml's share under fast_dev_run): s=0 -> 1/0.05 = 20 x the base lr
+    ],
+)
+def test_fractional_warmup_never_exceeds_the_base_lr(share, total):
+    scheduler = WarmupCosineLR(_optimizer(), warmup_steps=share, total_steps=total, min_lr_ratio=0.1)
+    assert max(_lrs(scheduler, total)) <= 1.0 + 1e-12
 
 
 def test_total_steps_filled_later():
