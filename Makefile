@@ -1,5 +1,7 @@
 # The two commands a new user runs (README): `make demo` and `make test`.
-# Both create .venv when it is missing and install the package into it.
+# Every target below creates .venv when it is missing and installs the package into it.
+# Developers: `make test-fast` (skips the slow end-to-end runs), `make lint` (what CI checks),
+# `make format` (rewrites files: ruff's safe fixes, then the formatter).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Fixes first (a removed import or re-sorted block may need reformatting), then the formatter.
+# --exit-zero: findings without a safe fix are printed but do not stop the formatter; `make lint` fails on them.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix --exit-zero .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_lightning.cli import cli_main
 
@@ -35,13 +39,40 @@ def test_config_print_round_trips(name, capsys, tmp_path):
     assert yaml.safe_load(_print_config(str(again_file), capsys)) == parsed
 
 
+def _weights(export: Path) -> dict[str, torch.Tensor]:
+    return load_file(export / "model.safetensors")
+
+
 @pytest.mark.parametrize("name", FIT_CONFIGS)
-def test_fast_dev_run_every_stage_config(name, demo_workspace, monkeypatch):
+def test_fast_dev_run_every_stage_config(name, demo_workspace, monkeypatch, tmp_path):
     monkeypatch.chdir(demo_workspace)
-    cli_main(["fit", "-c", str(CONFIGS / name), "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"])
-    stage = {"sft.yaml": "sft", "reward.yaml": "reward", "dpo.yaml": "dpo", "ppo.yaml": "ppo"}[name]
-    if name != "sft.yaml":  # the sft export is the workspace's input; do not overwrite it
-        assert (demo_workspace / "runs/demo" / stage / "hf" / "config.json").exists()
+    # default_root_dir -> tmp_path: HFExport writes tmp_path/hf, so the workspace's SFT and reward
+    # exports, which the other stages and tests read, stay as the fixture built them.
+    cli = cli_main(["fit", "-c", str(CONFIGS / name), "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false",
+                    f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.state.finished and cli.trainer.global_step >= 1  # it trained
+
+    # The export is the next stage's input: it loads with plain transformers, model and tokenizer agree.
+    export = tmp_path / "hf"
+    tok = AutoTokenizer.from_pretrained(export)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    auto = AutoModelForSequenceClassification if name == "reward.yaml" else AutoModelForCausalLM
+    model = auto.from_pretrained(export)
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.get_input_embeddings().num_embeddings >= len(tok)
+
+    weights = _weights(export)
+    sft = _weights(demo_workspace / "runs/demo/sft/hf")
+    if name == "sft.yaml":  # from scratch, the architecture of the config's model_config
+        assert (model.config.hidden_size, model.config.num_hidden_layers) == (256, 4)
+    elif name == "reward.yaml":  # one-label head, normalisation stored, backbone trained from the SFT export
+        assert model.config.num_labels == 1 and "score.weight" in weights
+        gain, bias = model.config.rlhf_reward_gain, model.config.rlhf_reward_bias
+        assert math.isfinite(gain) and math.isfinite(bias) and (gain, bias) != (1.0, 0.0)
+        assert any(not torch.equal(weights[k], sft[k]) for k in weights.keys() & sft.keys())
+    else:  # DPO, PPO: the trained policy (not the critic, not the frozen reference) moved off the SFT start
+        assert weights.keys() == sft.keys()
+        assert any(not torch.equal(weights[k], sft[k]) for k in sft)
 
 
 def test_predict_writes_jsonl(demo_workspace, monkeypatch):
