@@ -32,14 +32,16 @@ class WarmupCosineLR(LambdaLR):
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the schedule's length and re-apply the current step's factor."""
         self.total_steps = int(total_steps)
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base_lr * self._factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
 
     def _factor(self, step: int) -> float:
         total = self.total_steps if self.total_steps > 0 else None
         if 0 < self.warmup_steps < 1 and total is None:
             return 1.0  # a fractional warm-up waits for set_total_steps
-        warmup = self.warmup_steps * total if 0 < self.warmup_steps < 1 else self.warmup_steps
+        # A fractional warm-up covers whole steps, so its last step reaches the base lr and never passes it.
+        warmup = math.ceil(self.warmup_steps * total) if 0 < self.warmup_steps < 1 else self.warmup_steps
         if warmup and step < warmup:
             return (step + 1) / warmup
         if total is None:
@@ -62,5 +64,7 @@ def build_optimization(module, params, optimizer_factory, scheduler_factory):
         return optimizer
     scheduler = scheduler_factory(optimizer)
     if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps <= 0 and module._trainer is not None:
-        scheduler.set_total_steps(module.trainer.estimated_stepping_batches)
+        total = module.trainer.estimated_stepping_batches
+        if math.isfinite(total):  # an endless run (max_steps=-1, max_epochs=-1) keeps the base lr after warm-up
+            scheduler.set_total_steps(total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -90,21 +90,23 @@ def test_no_warmup_starts_at_the_peak():
     assert _lrs(scheduler, 5) == pytest.approx([1.0, 0.5 * (1 + C4), 0.5, 0.5 * (1 - C4), 0.0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim.py bug: a fractional warm-up of a non-whole number of steps "
-    "overshoots the base lr, (s + 1) / W > 1 at the last warm-up step",
-)
 @pytest.mark.parametrize(
     ("share", "total"),
     [
-        (0.1, 25),  # W = 2.5 steps: s=0 -> 1/2.5 = 0.4, s=1 -> 0.8, s=2 -> 3/2.5 = 1.2 (> 1)
-        (0.05, 1),  # W = 0.05 (sft.yaml's share under fast_dev_run): s=0 -> 1/0.05 = 20 x the base lr
+        (0.1, 25),  # 2.5 steps: before the fix s=2 got 3/2.5 = 1.2; now W = ceil(2.5) = 3
+        (0.05, 1),  # sft.yaml's share under fast_dev_run: before, s=0 got 1/0.05 = 20 x the base lr
     ],
 )
 def test_fractional_warmup_never_exceeds_the_base_lr(share, total):
     scheduler = WarmupCosineLR(_optimizer(), warmup_steps=share, total_steps=total, min_lr_ratio=0.1)
     assert max(_lrs(scheduler, total)) <= 1.0 + 1e-12
+
+
+def test_fractional_warmup_rounds_up_to_whole_steps():
+    # 0.1 of 25 = 2.5 -> W = 3 steps: s=0 -> 1/3, s=1 -> 2/3, s=2 -> 3/3 = 1 (the peak), then cosine
+    # over the 22 remaining steps: s=3 -> p = 0, the factor is exactly 1 again.
+    scheduler = WarmupCosineLR(_optimizer(), warmup_steps=0.1, total_steps=25)
+    assert _lrs(scheduler, 4) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
 def test_total_steps_filled_later():
@@ -129,11 +131,6 @@ def test_fractional_warmup_waits_for_the_total():
     assert _lrs(scheduler, 9) == pytest.approx(QUARTER_OF_8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim.py bug: set_total_steps writes param_groups' lr but not "
-    "_last_lr, so get_last_lr() is stale until the next step()",
-)
 def test_set_total_steps_updates_get_last_lr():
     scheduler = WarmupCosineLR(_optimizer(), warmup_steps=0.25, total_steps=-1)
     scheduler.set_total_steps(8)
