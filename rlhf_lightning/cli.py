@@ -17,7 +17,7 @@ from typing import Any
 from rlhf_lightning import pipeline
 from rlhf_lightning.data import demo
 from rlhf_lightning import evaluation as evaluate
-from rlhf_lightning.trainer_cli import run_lightning_cli
+from rlhf_lightning.trainer_cli import quiet_known_false_alarms, run_lightning_cli
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, Callable[[list[str]], Any]] = {
@@ -33,6 +33,7 @@ def cli_main(args: list[str] | None = None):
     Returns the LightningCLI object (Lightning subcommands) or the command's result.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_false_alarms()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])

@@ -15,9 +15,14 @@ pipeline wires stages by setting exactly these keys.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from transformers.utils import logging as hf_logging
 
 # Interpolations such as ${inputs.sft} are written relative to the subcommand's config
 # (``fit``'s keys), not to the root parser's.
@@ -35,6 +40,39 @@ class RLHFCLI(LightningCLI):
             help="what the stage reads (exports, data files, tokenizer, gold reward), referred to as ${inputs.NAME}",
         )
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer", apply_on="parse")
+
+    def parse_arguments(self, parser, args) -> None:
+        # LightningCLI's own, minus its warning about ``args`` *and* ``sys.argv``: ``cli_main``
+        # always passes the whole command line, and under the pipeline or pytest ``sys.argv``
+        # belongs to the outer program.
+        self.config = parser.parse_args(args)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_known_false_alarms() -> None:
+    """Silence third-party messages that are advertisements or false alarms for this package.
+
+    Each filter matches one exact message and says why it is safe; anything else still shows.
+    """
+    # Lightning advertises its cloud products in every fit; no flag turns the tips off.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
+    # The frozen reference and reward models are in eval mode by design (systems/base.py).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                            category=PossibleUserWarning)
+    # Online-RL systems evaluate by generation (GoldRewardEval), not with validation_step.
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`",
+                            category=UserWarning)
+    # With manual optimisation the checkpoint after the optimizer step is the one to resume from.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+                            category=UserWarning)
+    # Lightning 2.6 calls torch's deprecated LeafSpec check; harmless until torch removes it.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    # One progress bar per from_pretrained/save_pretrained of these small exports is noise.
+    hf_logging.disable_progress_bar()
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> RLHFCLI:

@@ -8,6 +8,7 @@ score normalisation stored in the export's config.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,9 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from rlhf_lightning.models.forward import last_token_index, position_ids_from_mask
 from rlhf_lightning.models.loading import build_config, resize_for_tokenizer
+
+log = logging.getLogger(__name__)
 
 # Config attributes that carry the reward normalisation inside the export's config.json.
 REWARD_GAIN_KEY = "rlhf_reward_gain"
@@ -109,9 +113,21 @@ def build_reward_model(
     if (name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of a model name/path or a model_config")
     if name_or_path is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            os.fspath(name_or_path), num_labels=1, trust_remote_code=trust_remote_code
-        )
+        # A causal LM's lm_head is dropped and the score head is new: transformers reports both
+        # as a loading problem. Expected here, so check the other keys ourselves instead.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                os.fspath(name_or_path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+        unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+        if missing or unexpected or info["mismatched_keys"]:
+            log.warning("%s: backbone weights missing %s, unexpected %s, mismatched %s",
+                        name_or_path, missing, unexpected, info["mismatched_keys"])
     else:
         model = AutoModelForSequenceClassification.from_config(build_config(model_config, tokenizer, num_labels=1))
     resize_for_tokenizer(model, tokenizer)
