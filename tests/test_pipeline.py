@@ -187,8 +187,12 @@ def test_pipeline_runs_from_a_non_editable_install(tmp_path):
     import subprocess
     import sys
 
-    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+    import shutil
+
+    wheel_dir, site, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "data"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next(wheel_dir.glob("rlhf_lightning-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

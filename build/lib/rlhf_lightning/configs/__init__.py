@@ -1,1 +1,0 @@
-"""The stage configs, shipped inside the package as ``rlhf_lightning.configs`` (see pyproject.toml)."""

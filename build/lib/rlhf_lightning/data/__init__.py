@@ -1,1 +1,0 @@
-"""Record formats and validation, DataModules, collators, and the bundled demo task."""
