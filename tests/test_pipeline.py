@@ -191,7 +191,8 @@ def test_pipeline_runs_from_a_non_editable_install(tmp_path):
 
     wheel_dir, site, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
     # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "data"))
+    skip = {".git", ".venv", "runs", "build", "data", "rlhf_lightning.egg-info", ".pytest_cache", ".ruff_cache"}
+    shutil.copytree(ROOT, src, ignore=lambda folder, names: [n for n in names if Path(folder) == ROOT and n in skip])
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next(wheel_dir.glob("rlhf_lightning-*.whl"))
