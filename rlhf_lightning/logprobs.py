@@ -206,7 +206,7 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm: float) -> torch.Tensor:
     """Mean over sequences of each sequence's token sum divided by a constant (Dr. GRPO,
-    Liu et al. 2025, "Understanding R1-Zero-Like Training", eq. 2 without ``1/|o_i|``).
+    Liu et al. 2025, "Understanding R1-Zero-Like Training": GRPO's ``1/|o_i|`` removed).
 
     ``L = (1/G) sum_i (1/norm) sum_t x_{i,t}`` with ``norm`` a constant (typically the
     generation budget, max new tokens): no per-sequence length normalisation, hence no
