@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf_lightning.logprobs import masked_mean, seq_mean_token_mean, seq_mean_token_sum_norm
 from rlhf_lightning.losses import (
     dpo_loss,
     hinge_loss,
@@ -18,7 +19,6 @@ from rlhf_lightning.losses import (
     sft_loss,
     simpo_loss,
 )
-from rlhf_lightning.logprobs import masked_mean, seq_mean_token_mean, seq_mean_token_sum_norm
 
 LOG_1P_EXP_M1 = 0.3132617  # -log sigmoid(1) = log(1 + e^-1)
 
