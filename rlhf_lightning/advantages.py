@@ -209,8 +209,10 @@ def group_advantages(
     ``A_i = (s_i - mean_g) / (std_g + eps)`` (or ``s_i - mean_g``) over the group ``g`` of
     sample ``i``. ``std_g`` is the unbiased sample std (Bessel, ``/(k - 1)``), as TRL,
     OpenRLHF and verl compute it (``torch.std``), so advantages match those frameworks;
-    the biased std would inflate small groups' advantages by ``sqrt(k / (k - 1))``. A group whose scores are all equal, including a group
-    of size 1, carries no signal and gets exactly 0 (never ``nan``, also with ``eps=0``).
+    the biased std would inflate small groups' advantages by ``sqrt(k / (k - 1))``.
+    A group whose scores are all equal, including a group of size 1, carries no signal
+    and gets exactly 0 (never ``nan``, also with ``eps=0``; not an ulp of rounding in the
+    mean divided by ``eps``).
 
     Args:
         scores: ``(B,)`` sequence scores (any real dtype).
