@@ -182,5 +182,7 @@ def test_loss_aggregates_match_naive_loops():
     mask[3] = False
     rows = [[x[b, t].item() for t in range(7) if mask[b, t]] for b in range(5)]
     rows = [r for r in rows if r]
-    assert seq_mean_token_mean(x, mask).item() == pytest.approx(sum(sum(r) / len(r) for r in rows) / len(rows), rel=1e-5)
-    assert seq_mean_token_sum_norm(x, mask, 16).item() == pytest.approx(sum(sum(r) / 16 for r in rows) / len(rows), rel=1e-5)
+    grpo = sum(sum(r) / len(r) for r in rows) / len(rows)
+    dr_grpo = sum(sum(r) / 16 for r in rows) / len(rows)
+    assert seq_mean_token_mean(x, mask).item() == pytest.approx(grpo, rel=1e-5)
+    assert seq_mean_token_sum_norm(x, mask, 16).item() == pytest.approx(dr_grpo, rel=1e-5)
