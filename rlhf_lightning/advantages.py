@@ -1,8 +1,12 @@
-"""KL-penalised per-token rewards, generalised advantage estimation and KL controllers.
+"""KL-penalised per-token rewards, advantage estimators and KL controllers.
 
-All tensors are over response (action) tokens: ``(B, A)``, with ``mask`` 1 on real
-response tokens (up to and including EOS) and 0 on padding. Results are 0 outside the
-mask. No metrics are returned here; the PPO module logs what it needs.
+Token-level tensors are over response (action) tokens: ``(B, A)``, with ``mask`` 1 on
+real response tokens (up to and including EOS) and 0 on padding; results are 0 outside
+the mask. The critic-free estimators (GRPO, Dr. GRPO, RLOO) work on ``(B,)`` sequence
+scores with ``(B,)`` integer ``group_ids`` (samples of one prompt share an id; groups
+need not be contiguous) and return ``(B,)`` advantages that the caller broadcasts to
+``(B, A)``. :data:`ESTIMATORS` maps the names configs use to the functions. No metrics
+are returned here; the training systems log what they need.
 """
 
 from __future__ import annotations
@@ -11,13 +15,19 @@ from typing import Callable
 
 import torch
 
-from .logprobs import masked_var
+from .logprobs import masked_var, masked_whiten
 
 __all__ = [
     "KL_ESTIMATORS",
     "kl_per_token",
     "kl_penalized_rewards",
     "gae",
+    "reinforce_pp_advantages",
+    "group_advantages",
+    "dr_grpo_advantages",
+    "rloo_advantages",
+    "groups_with_signal",
+    "ESTIMATORS",
     "explained_variance",
     "AdaptiveKLController",
     "FixedKLController",
@@ -138,6 +148,148 @@ def gae(
             next_value = torch.where(m_t, values[:, t], next_value)
         returns = torch.where(m, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, *, all_reduce: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): discounted reward-to-go, whitened over the whole batch.
+
+    ``R_t = sum_{s >= t} gamma^(s - t) r_s`` over the masked positions of the row
+    (as in :func:`gae`, only masked positions are time steps); ``A = (R - mean) / std``
+    with the mean and unbiased std over ALL masked tokens of the batch (not per prompt
+    or per row, the point of REINFORCE++). ``rewards`` carry the per-token KL penalty
+    and the score at the last token: build them with :func:`kl_penalized_rewards`.
+    The reward-to-go is :func:`gae` with zero values and ``lam = 1``.
+
+    Args:
+        rewards: ``(B, A)`` per-token rewards.
+        mask: ``(B, A)`` 1 on real response tokens.
+        gamma: discount.
+        all_reduce: whiten with statistics over every rank (see
+            :func:`~rlhf_lightning.logprobs.masked_whiten`; every rank must call this).
+
+    Returns:
+        ``(advantages, returns)``, each ``(B, A)``, 0 outside the mask, without gradient.
+    """
+    with torch.no_grad():
+        returns = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)[0]  # (B, A)
+        advantages = masked_whiten(returns, mask, all_reduce=all_reduce)  # (B, A)
+    return advantages, returns
+
+
+def _group_stats(
+    scores: torch.Tensor, group_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared group statistics, vectorised with ``torch.unique`` and ``index_add``.
+
+    Returns ``(s, inverse, n, mean, signal)``: ``s`` the ``(B,)`` scores in at least
+    float32; ``inverse`` the ``(B,)`` index of each sample's group in ``[0, G)``; ``n``
+    and ``mean`` the ``(G,)`` group sizes and means; ``signal`` a ``(B,)`` bool, True
+    where the sample's group has two distinct scores (``max > min``; a size-1 group has
+    none). ``torch.unique`` synchronises with the host on CUDA (once per call).
+    """
+    if scores.dim() != 1 or group_ids.shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)")
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))  # (B,)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)  # (B,), (G,)
+    n = counts.to(s.dtype)  # (G,)
+    mean = torch.zeros_like(n).index_add(0, inverse, s) / n  # (G,)
+    hi = torch.zeros_like(n).scatter_reduce(0, inverse, s, "amax", include_self=False)  # (G,)
+    lo = torch.zeros_like(n).scatter_reduce(0, inverse, s, "amin", include_self=False)  # (G,)
+    return s, inverse, n, mean, (hi > lo)[inverse]
+
+
+def group_advantages(
+    scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-relative advantages: GRPO (Shao et al. 2024, sec. 4.1.2) and
+    Dr. GRPO (Liu et al. 2025) with ``scale_by_std=False``.
+
+    ``A_i = (s_i - mean_g) / (std_g + eps)`` (or ``s_i - mean_g``) over the group ``g`` of
+    sample ``i``. ``std_g`` is the unbiased sample std (Bessel, ``/(k - 1)``), as TRL,
+    OpenRLHF and verl compute it (``torch.std``), so advantages match those frameworks;
+    the biased std would inflate small groups' advantages by ``sqrt(k / (k - 1))``.
+    A group whose scores are all equal, including a group of size 1, carries no signal
+    and gets exactly 0 (never ``nan``, also with ``eps=0``; not an ulp of rounding in the
+    mean divided by ``eps``).
+
+    Args:
+        scores: ``(B,)`` sequence scores (any real dtype).
+        group_ids: ``(B,)`` integer prompt ids; groups need not be contiguous.
+        scale_by_std: divide by the group std (GRPO); False is Dr. GRPO.
+        eps: added to the std.
+
+    Returns:
+        ``(B,)`` advantages in at least float32.
+    """
+    s, inverse, n, mean, signal = _group_stats(scores, group_ids)
+    adv = s - mean[inverse]  # (B,)
+    if scale_by_std:
+        var = torch.zeros_like(n).index_add(0, inverse, adv**2) / (n - 1).clamp_min(1)  # (G,) unbiased
+        adv = adv / (var.sqrt()[inverse] + eps)  # (B,)
+    return torch.where(signal, adv, torch.zeros_like(adv))
+
+
+def dr_grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): ``s_i - mean_g``, no division by the group std.
+
+    :func:`group_advantages` with ``scale_by_std=False`` (a named function rather than a
+    ``functools.partial``: the maths layer imports only torch, and it has a docstring).
+    """
+    return group_advantages(scores, group_ids, scale_by_std=False)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019).
+
+    ``A_i = s_i - (1/(k-1)) sum_{j != i} s_j = k/(k-1) (s_i - mean_g)`` for a group of
+    size ``k``: the baseline of each sample is the mean score of the OTHER samples of its
+    prompt. A group of size 1 has no other sample, hence no baseline: it gets 0 (like
+    :func:`group_advantages`) rather than an error, so a batch left with a singleton
+    (e.g. after filtering) still trains on the other groups. All-equal groups get 0.
+
+    Args:
+        scores: ``(B,)`` sequence scores.
+        group_ids: ``(B,)`` integer prompt ids; groups need not be contiguous.
+
+    Returns:
+        ``(B,)`` advantages in at least float32.
+    """
+    s, inverse, n, mean, signal = _group_stats(scores, group_ids)
+    k = n[inverse]  # (B,)
+    adv = (s - mean[inverse]) * k / (k - 1).clamp_min(1)  # (B,)
+    return torch.where(signal, adv, torch.zeros_like(adv))
+
+
+def groups_with_signal(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """DAPO dynamic sampling (Yu et al. 2025): which samples are worth training on.
+
+    A group whose scores are all equal (all solved, all failed, or a single sample) has
+    zero group-relative advantage and only dilutes the batch; DAPO drops such groups and
+    samples more prompts.
+
+    Args:
+        scores: ``(B,)`` sequence scores.
+        group_ids: ``(B,)`` integer prompt ids; groups need not be contiguous.
+
+    Returns:
+        ``(B,)`` bool, True where the sample's group has at least two distinct scores.
+    """
+    return _group_stats(scores, group_ids)[-1]
+
+
+# What configs name (``advantage_estimator: grpo``). Plain data: a new estimator is a new
+# entry. Two call shapes: token level ``gae(rewards, values, mask, ...)`` and
+# ``reinforce_pp(rewards, mask, ...)`` return ``(advantages, returns)``, each ``(B, A)``;
+# sequence level ``fn(scores, group_ids)`` returns ``(B,)`` advantages.
+ESTIMATORS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
+    "gae": gae,
+    "reinforce_pp": reinforce_pp_advantages,
+    "grpo": group_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

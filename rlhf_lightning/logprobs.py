@@ -20,6 +20,8 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
 ]
 
 
@@ -177,6 +179,53 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros_like(whitened)).to(x.dtype)
+
+
+def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's token mean (GRPO, Shao et al. 2024, eq. 3).
+
+    ``L = (1/G) sum_i (1/|o_i|) sum_t x_{i,t}``: every sequence weighs the same whatever
+    its length, so a token of a short answer weighs more than one of a long answer
+    (the length bias Dr. GRPO removes). ``G`` counts only rows with at least one masked
+    token (an all-padding row is not a sequence); an empty mask gives 0.
+    Same ``(x, mask) -> scalar`` signature as :func:`masked_mean` (the DAPO token mean),
+    so either can be passed as a loss's ``aggregate``.
+
+    Args:
+        x: ``(B, A)`` per-token values (e.g. per-token losses).
+        mask: ``(B, A)`` 1 on response tokens.
+
+    Returns:
+        Scalar tensor.
+    """
+    m = mask.bool()
+    per_seq = masked_mean(x, m, dim=-1)  # (B,)
+    has_tokens = m.any(dim=-1)  # (B,)
+    return masked_mean(per_seq, has_tokens)
+
+
+def seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm: float) -> torch.Tensor:
+    """Mean over sequences of each sequence's token sum divided by a constant (Dr. GRPO,
+    Liu et al. 2025, "Understanding R1-Zero-Like Training": GRPO's ``1/|o_i|`` removed).
+
+    ``L = (1/G) sum_i (1/norm) sum_t x_{i,t}`` with ``norm`` a constant (typically the
+    generation budget, max new tokens): no per-sequence length normalisation, hence no
+    length bias. ``G`` counts only rows with at least one masked token; an empty mask
+    gives 0. Bind ``norm`` to get an ``(x, mask) -> scalar`` aggregate:
+    ``functools.partial(seq_mean_token_sum_norm, norm=max_new_tokens)``.
+
+    Args:
+        x: ``(B, A)`` per-token values.
+        mask: ``(B, A)`` 1 on response tokens.
+        norm: positive constant dividing every sequence's sum.
+
+    Returns:
+        Scalar tensor.
+    """
+    m = mask.bool()
+    per_seq = masked_sum(x, m, dim=-1) / norm  # (B,)
+    has_tokens = m.any(dim=-1)  # (B,)
+    return masked_mean(per_seq, has_tokens)
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Pure loss functions: SFT, pairwise reward model, the DPO family, PPO policy and value.
+"""Pure loss functions: SFT, pairwise reward model, the DPO family, PPO policy and value,
+and the KL-to-reference loss term of critic-free RL (GRPO and its variants).
 
 Every function returns ``(loss, metrics)``: ``loss`` is a differentiable scalar and
 ``metrics`` a dict of detached scalar tensors (the LightningModule adds the
@@ -10,13 +11,21 @@ DPO-family functions share one signature,
 with ``(B,)`` sequence log-probs, and carry two attributes telling the DPO module how to
 call them: ``fn.reference_free`` (no reference model needed) and ``fn.length_normalized``
 (pass per-token mean log-probs instead of sums). A new variant is a new function.
+
+Token-level losses take the reduction over ``(B, A)`` as ``aggregate``, an
+``(x, mask) -> scalar`` function from :mod:`~rlhf_lightning.logprobs`: ``masked_mean``
+(token mean; PPO, DAPO), ``seq_mean_token_mean`` (GRPO) or
+``functools.partial(seq_mean_token_sum_norm, norm=...)`` (Dr. GRPO).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from .advantages import kl_per_token
 from .logprobs import masked_mean, token_logprobs
 
 __all__ = [
@@ -28,9 +37,11 @@ __all__ = [
     "simpo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "kl_loss",
 ]
 
 Metrics = dict[str, torch.Tensor]
+Aggregate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, A), mask (B, A)) -> scalar
 
 
 def sft_loss(
@@ -253,35 +264,54 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    aggregate: Aggregate = masked_mean,
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss.
+    """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss; with
+    ``clip_range_high`` and ``aggregate`` also the GRPO, Dr. GRPO and DAPO policy loss.
 
     ``r = exp(log pi - log pi_old)``;
-    ``L = token_mean[max(-A r, -A clip(r, 1 - eps, 1 + eps))]``.
+    ``L = agg[max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))]``, ``eps_low = clip_range``,
+    ``eps_high = clip_range_high`` (DAPO "clip-higher", Yu et al. 2025, e.g. 0.2 / 0.28:
+    a higher ceiling lets unlikely tokens with positive advantage gain probability;
+    None means ``eps_high = eps_low``, symmetric PPO). With the defaults the result is
+    bit-identical to plain PPO with a token mean.
 
     Args:
         logprobs: ``(B, A)`` log-probs of the taken tokens under the current policy.
         old_logprobs: ``(B, A)`` the same under the rollout policy.
-        advantages: ``(B, A)`` (usually whitened).
+        advantages: ``(B, A)`` (usually whitened; sequence advantages broadcast).
         mask: ``(B, A)`` 1 on response tokens.
-        clip_range: ``eps``.
+        clip_range: ``eps_low``.
+        clip_range_high: ``eps_high``, or None for ``clip_range``.
+        aggregate: ``(x, mask) -> scalar`` reduction of the per-token losses (see the
+            module docstring); default the token mean.
 
     Returns:
-        ``(loss, {"policy_loss", "clipfrac", "approx_kl", "ratio_mean", "ratio_max"})``:
-        ``clipfrac`` is the fraction of masked tokens where the clipped term is strictly
-        larger (active); ``approx_kl`` is the token mean of ``(r - 1) - log r``, the k3
-        estimator of KL(pi_old || pi) (Schulman 2020, "Approximating KL divergence").
+        ``(loss, {"policy_loss", "clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl",
+        "ratio_mean", "ratio_max"})``. ``policy_loss`` is the aggregated loss; the other
+        metrics are token means over the masked tokens whatever ``aggregate`` is, so they
+        stay fractions and compare across reductions. ``clipfrac``: tokens where the
+        clipped term is strictly larger, i.e. chosen by the max (zero gradient), with any
+        ``eps_low``/``eps_high``; split into ``clipfrac_high`` (``r > 1 + eps_high``,
+        ``A > 0``) and ``clipfrac_low`` (``r < 1 - eps_low``, ``A < 0``). ``approx_kl``:
+        token mean of ``(r - 1) - log r``, the k3 estimator of KL(pi_old || pi)
+        (Schulman 2020, "Approximating KL divergence").
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     m = mask.bool()
     log_ratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, A); 0 off-mask avoids inf
     ratio = torch.exp(log_ratio)  # (B, A)
     unclipped = -advantages * ratio  # (B, A)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B, A)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)  # (B, A)
+    loss = aggregate(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
+        active = clipped > unclipped  # (B, A) the clipped term is the one taken
         metrics = {
             "policy_loss": loss.detach(),
-            "clipfrac": masked_mean((clipped > unclipped).float(), m),
+            "clipfrac": masked_mean(active.float(), m),
+            "clipfrac_low": masked_mean((active & (ratio < 1)).float(), m),
+            "clipfrac_high": masked_mean((active & (ratio > 1)).float(), m),
             "approx_kl": masked_mean((ratio - 1) - log_ratio, m),
             "ratio_mean": masked_mean(ratio, m),
             "ratio_max": torch.where(m, ratio, torch.zeros_like(ratio)).max(),
@@ -324,3 +354,38 @@ def ppo_value_loss(
         loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
         clipfrac = masked_mean((clipped > unclipped).float(), m).detach()
     return loss, {"value_loss": loss.detach(), "vf_clipfrac": clipfrac}
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    aggregate: Aggregate = masked_mean,
+) -> tuple[torch.Tensor, Metrics]:
+    """KL(pi || ref) as a loss term, as GRPO uses it (Shao et al. 2024: the k3 estimate in
+    the loss, not a penalty in the reward as PPO-RLHF does).
+
+    ``L = agg[k(log pi, log ref)]`` with the per-token estimators of
+    :func:`~rlhf_lightning.advantages.kl_per_token`; default
+    ``k3 = exp(log r) - 1 - log r``, ``log r = log ref - log pi`` (unbiased, non-negative,
+    gradient ``1 - ref / pi`` per token). The caller scales it by its coefficient
+    ``beta`` and adds it to the policy loss. The gradient flows to ``logprobs`` only
+    (``ref_logprobs`` is detached); positions outside the mask are zeroed before the
+    estimator, so ``inf``/``nan`` there reach neither the loss nor the gradient.
+
+    Args:
+        logprobs: ``(B, A)`` log-probs of the sampled tokens under the current policy.
+        ref_logprobs: ``(B, A)`` the same under the frozen reference.
+        mask: ``(B, A)`` 1 on response tokens.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        aggregate: ``(x, mask) -> scalar`` reduction; default the token mean.
+
+    Returns:
+        ``(loss, {"kl"})``; ``kl`` is the aggregated estimate (the loss, detached).
+    """
+    m = mask.bool()
+    logp = torch.where(m, logprobs, torch.zeros_like(logprobs))  # (B, A)
+    ref = torch.where(m, ref_logprobs.detach(), torch.zeros_like(logprobs))  # (B, A)
+    loss = aggregate(kl_per_token(logp, ref, estimator), m)
+    return loss, {"kl": loss.detach()}

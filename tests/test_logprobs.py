@@ -1,5 +1,6 @@
 """Tests for rlhf_lightning.logprobs: hand values, naive references, masking invariances."""
 
+import functools
 import math
 import threading
 
@@ -13,6 +14,8 @@ from rlhf_lightning.logprobs import (
     masked_sum,
     masked_var,
     masked_whiten,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
     sequence_logprobs,
     token_logprobs,
 )
@@ -144,3 +147,42 @@ def test_sequence_logprobs():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert torch.equal(sequence_logprobs(logps, mask), torch.tensor([-3.0, -0.5]))  # -1-2, -0.5
     assert torch.equal(sequence_logprobs(logps, mask, average=True), torch.tensor([-1.5, -0.5]))  # -3/2, -0.5/1
+
+
+def test_loss_aggregates_hand_values():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # token mean (DAPO): (1 + 2 + 4) / 3 = 7/3
+    assert masked_mean(x, mask).item() == pytest.approx(7 / 3)
+    # GRPO: row means (1 + 2)/2 = 1.5 and 4/1 = 4 -> (1.5 + 4) / 2 = 2.75
+    loss = seq_mean_token_mean(x, mask)
+    assert loss.item() == pytest.approx(2.75)
+    # each token weighs 1 / (G |o_i|): row 0 tokens 1/(2*2) = 0.25, row 1 token 1/(2*1) = 0.5
+    loss.backward()
+    assert torch.allclose(x.grad, torch.tensor([[0.25, 0.25, 0.0], [0.5, 0.0, 0.0]]))
+    # Dr. GRPO, norm 4: row sums 3/4 = 0.75 and 4/4 = 1 -> (0.75 + 1) / 2 = 0.875
+    assert seq_mean_token_sum_norm(x, mask, norm=4).item() == pytest.approx(0.875)
+    bound = functools.partial(seq_mean_token_sum_norm, norm=4)  # the (x, mask) -> scalar form
+    assert bound(x, mask).item() == pytest.approx(0.875)
+
+
+def test_loss_aggregates_ignore_padding_rows_and_empty_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, float("nan"), 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # row 2 is all padding: not a sequence
+    assert seq_mean_token_mean(x, mask).item() == pytest.approx(2.75)
+    assert seq_mean_token_sum_norm(x, mask, 4).item() == pytest.approx(0.875)
+    empty = torch.zeros_like(mask)
+    assert seq_mean_token_mean(x, empty).item() == 0.0 and seq_mean_token_sum_norm(x, empty, 4).item() == 0.0
+
+
+def test_loss_aggregates_match_naive_loops():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=g)
+    mask = torch.rand(5, 7, generator=g) > 0.5
+    mask[3] = False
+    rows = [[x[b, t].item() for t in range(7) if mask[b, t]] for b in range(5)]
+    rows = [r for r in rows if r]
+    grpo = sum(sum(r) / len(r) for r in rows) / len(rows)
+    dr_grpo = sum(sum(r) / 16 for r in rows) / len(rows)
+    assert seq_mean_token_mean(x, mask).item() == pytest.approx(grpo, rel=1e-5)
+    assert seq_mean_token_sum_norm(x, mask, 16).item() == pytest.approx(dr_grpo, rel=1e-5)

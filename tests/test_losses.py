@@ -1,15 +1,18 @@
 """Tests for rlhf_lightning.losses: values worked out by hand, checked against naive code."""
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf_lightning.logprobs import masked_mean, seq_mean_token_mean, seq_mean_token_sum_norm
 from rlhf_lightning.losses import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
+    kl_loss,
     pairwise_loss,
     ppo_policy_loss,
     ppo_value_loss,
@@ -195,3 +198,88 @@ def test_ppo_value_loss_both_clip_sides():
     loss, m = ppo_value_loss(values, old, returns, mask, clip_range_value=None)
     assert loss.item() == pytest.approx(0.22625, rel=1e-5)
     assert m["vf_clipfrac"].item() == 0.0
+
+
+def test_ppo_policy_loss_defaults_are_the_original_formula_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    lp, old = torch.randn(4, 7, generator=g) * 0.4, torch.randn(4, 7, generator=g) * 0.4
+    adv, mask = torch.randn(4, 7, generator=g), torch.rand(4, 7, generator=g) > 0.3
+    loss, m = ppo_policy_loss(lp, old, adv, mask)
+    ratio = torch.exp(torch.where(mask, lp - old, torch.zeros_like(lp)))
+    original = masked_mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - 0.2, 1.0 + 0.2)), mask)
+    assert torch.equal(loss, original)
+    explicit, m2 = ppo_policy_loss(lp, old, adv, mask, 0.2, clip_range_high=0.2, aggregate=masked_mean)
+    assert torch.equal(explicit, loss) and all(torch.equal(m[k], m2[k]) for k in m)
+    assert m["clipfrac"].item() == pytest.approx(m["clipfrac_low"].item() + m["clipfrac_high"].item())
+
+
+def test_ppo_policy_loss_clip_higher_by_hand():
+    ratio = torch.tensor([[1.25, 0.5]])
+    logprobs, old = torch.log(ratio).requires_grad_(), torch.zeros(1, 2)
+    adv, mask = torch.tensor([[2.0, -1.0]]), torch.ones(1, 2)
+    # clip_range 0.2, clip_range_high 0.28: clip to [0.8, 1.28]
+    # tok0 A=+2 r=1.25 inside: max(-2 * 1.25, -2 * 1.25) = -2.5 (unclipped: 1.25 A)
+    # tok1 A=-1 r=0.5 below 0.8: max(0.5, 0.8) = 0.8 (clipped, low side)
+    # mean = (-2.5 + 0.8) / 2 = -0.85
+    loss, m = ppo_policy_loss(logprobs, old, adv, mask, clip_range=0.2, clip_range_high=0.28)
+    assert loss.item() == pytest.approx(-0.85, rel=1e-6)
+    assert m["clipfrac"].item() == 0.5 and m["clipfrac_low"].item() == 0.5 and m["clipfrac_high"].item() == 0.0
+    _assert_detached_scalars(m)
+    loss.backward()
+    # d/dlogp of -A r / 2 on tok0 = -2 * 1.25 / 2 = -1.25; tok1 clipped -> 0
+    assert torch.allclose(logprobs.grad, torch.tensor([[-1.25, 0.0]]))
+    # symmetric 0.2: tok0 clipped at 1.2 -> max(-2.5, -2.4) = -2.4 (1.2 A); mean (-2.4 + 0.8) / 2 = -0.8
+    loss, m = ppo_policy_loss(logprobs.detach(), old, adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(-0.8, rel=1e-6)
+    assert m["clipfrac"].item() == 1.0 and m["clipfrac_low"].item() == 0.5 and m["clipfrac_high"].item() == 0.5
+
+
+def test_ppo_policy_loss_aggregates():
+    # ratio 1 everywhere -> per-token loss -A
+    adv = torch.tensor([[1.0, -3.0, 2.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    lp = torch.randn(2, 3)
+    # GRPO: row means -(1 - 3 + 2)/3 = 0 and -4/1 -> (0 - 4) / 2 = -2
+    loss, m = ppo_policy_loss(lp, lp.clone(), adv, mask, aggregate=seq_mean_token_mean)
+    assert loss.item() == pytest.approx(-2.0)
+    assert m["policy_loss"].item() == pytest.approx(-2.0)
+    assert m["ratio_mean"].item() == 1.0 and m["clipfrac"].item() == 0.0  # metrics stay token means
+    # Dr. GRPO with norm 4 bound by functools.partial: row sums 0/4 and -4/4 -> (0 - 1) / 2 = -0.5
+    dr_grpo = functools.partial(seq_mean_token_sum_norm, norm=4)
+    assert ppo_policy_loss(lp, lp.clone(), adv, mask, aggregate=dr_grpo)[0].item() == pytest.approx(-0.5)
+
+
+def test_kl_loss_k1_k3_by_hand_and_gradient_to_logprobs_only():
+    # tok0: pi 0.5, ref 0.25 -> log r = log 0.5; tok1: pi 0.5, ref 1 -> log r = log 2;
+    # tok2 padded with values whose exp overflows float32 (exp(200) = inf)
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.5), -100.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), 0.0, 100.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    # k1 = log pi - log ref: log 2 = 0.693147 and -log 2 -> mean 0; gradient 1 / 2 per token
+    loss, m = kl_loss(logprobs, ref, mask, estimator="k1")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and m["kl"].item() == loss.item()
+    _assert_detached_scalars(m)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[0.5, 0.5, 0.0]]))
+    assert ref.grad is None
+    logprobs.grad = None
+    # k3 = r - 1 - log r: r = 0.5 -> -0.5 + 0.693147 = 0.193147; r = 2 -> 1 - 0.693147 = 0.306853
+    # mean (0.193147 + 0.306853) / 2 = 0.25; gradient (1 - r) / 2 = [0.25, -0.5]
+    loss, _ = kl_loss(logprobs, ref, mask)
+    assert loss.item() == pytest.approx(0.25, rel=1e-6)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[0.25, -0.5, 0.0]]))
+    assert ref.grad is None and torch.isfinite(logprobs.grad).all()
+
+
+def test_kl_loss_aggregate_and_bad_estimator():
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.5)], [math.log(0.5), 0.0]])
+    ref = torch.tensor([[math.log(0.25), 0.0], [math.log(0.25), 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # k3 per token: [[0.193147, 0.306853], [0.193147, -]]; GRPO: (0.25 + 0.193147) / 2 = 0.2215735
+    loss, _ = kl_loss(logprobs, ref, mask, aggregate=seq_mean_token_mean)
+    assert loss.item() == pytest.approx(0.2215735, rel=1e-6)
+    # token mean: (0.193147 + 0.306853 + 0.193147) / 3 = 0.2310490
+    assert kl_loss(logprobs, ref, mask)[0].item() == pytest.approx(0.2310490, rel=1e-6)
+    with pytest.raises(ValueError, match="k4"):
+        kl_loss(logprobs, ref, mask, estimator="k4")
