@@ -1,9 +1,10 @@
 """Advantage estimators by name: how a rollout's scores become per-token advantages.
 
 Each entry turns a scored :class:`~rlhf_lightning.rl.rollout.Rollout` into
-``(advantages, returns)`` of shape ``(B, A)`` (``returns`` is None without a critic),
-calling the pure functions of ``advantages.py``. Configs name them
-(``estimator: grpo``); a new estimator is one more entry here.
+``(advantages, returns)`` of shape ``(B, A)`` (``returns`` is None for critic-free
+estimators), calling the pure function of the same name in ``advantages.ESTIMATORS``.
+Configs name them (``estimator: grpo``); a new estimator is a function there and an entry
+here saying how to call it.
 
 Where the KL penalty goes is the system's choice (``kl_in_loss``): in the reward it is
 per token for token-level estimators (``kl_penalized_rewards``: ``-coef * kl_t`` plus the
@@ -13,7 +14,6 @@ in the loss it is not in ``rewards`` at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +37,27 @@ class EstimatorSettings:
 
 @dataclass(frozen=True)
 class Estimator:
-    """An advantage estimator: ``fn(rollout, settings) -> (advantages, returns or None)``."""
+    """How the system calls ``advantages.ESTIMATORS[name]`` (the pure function of that name).
 
-    fn: Callable[[Rollout, EstimatorSettings], tuple[torch.Tensor, torch.Tensor | None]]
+    ``level``: ``"token"`` functions take per-token rewards and return ``(advantages, returns)``
+    (``gae`` also takes the critic's values); ``"sequence"`` functions take ``(scores, group_ids)``
+    and return one advantage per sample, broadcast here over its response tokens.
+    """
+
+    name: str
+    level: str = "token"
     needs_values: bool = False  # needs a critic
     needs_groups: bool = False  # needs several samples per prompt
+
+    def __call__(self, r: Rollout, s: EstimatorSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fn = adv.ESTIMATORS[self.name]
+        m = r.response_mask
+        if self.level == "sequence":
+            return fn(_sequence_scores(r, s), r.group_ids)[:, None] * m, None  # (B, A): each sample's on its tokens
+        r.rewards = _token_rewards(r, s)
+        if self.needs_values:
+            return fn(r.rewards, r.values, m, s.gamma, s.lam)
+        return fn(r.rewards, m, s.gamma, all_reduce=s.distributed)
 
 
 def _token_rewards(r: Rollout, s: EstimatorSettings) -> torch.Tensor:
@@ -61,38 +77,12 @@ def _sequence_scores(r: Rollout, s: EstimatorSettings) -> torch.Tensor:
     return r.scores - s.kl_coef * kl
 
 
-def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return seq_adv[:, None] * mask  # (B, A): the sequence's advantage on each of its tokens
-
-
-def _gae(r: Rollout, s: EstimatorSettings):
-    r.rewards = _token_rewards(r, s)
-    return adv.gae(r.rewards, r.values, r.response_mask, s.gamma, s.lam)
-
-
-def _reinforce_pp(r: Rollout, s: EstimatorSettings):
-    r.rewards = _token_rewards(r, s)
-    return adv.reinforce_pp_advantages(r.rewards, r.response_mask, s.gamma)
-
-
-def _group(scale_by_std: bool):
-    def fn(r: Rollout, s: EstimatorSettings):
-        a = adv.group_advantages(_sequence_scores(r, s), r.group_ids, scale_by_std=scale_by_std)  # (B,)
-        return _broadcast(a, r.response_mask), None
-
-    return fn
-
-
-def _rloo(r: Rollout, s: EstimatorSettings):
-    return _broadcast(adv.rloo_advantages(_sequence_scores(r, s), r.group_ids), r.response_mask), None
-
-
 ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(_gae, needs_values=True),
-    "grpo": Estimator(_group(scale_by_std=True), needs_groups=True),
-    "dr_grpo": Estimator(_group(scale_by_std=False), needs_groups=True),
-    "rloo": Estimator(_rloo, needs_groups=True),
-    "reinforce_pp": Estimator(_reinforce_pp),
+    "gae": Estimator("gae", needs_values=True),
+    "reinforce_pp": Estimator("reinforce_pp"),
+    "grpo": Estimator("grpo", level="sequence", needs_groups=True),
+    "dr_grpo": Estimator("dr_grpo", level="sequence", needs_groups=True),
+    "rloo": Estimator("rloo", level="sequence", needs_groups=True),
 }
 
 

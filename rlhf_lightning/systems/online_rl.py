@@ -219,7 +219,7 @@ class OnlineRLModule(PolicySystem):
             kl_coef=self.kl_ctl.value, kl_estimator=hp.kl_estimator, kl_in_reward=not hp.kl_in_loss,
             gamma=hp.gamma, lam=hp.lam, whiten_rewards=hp.whiten_rewards, distributed=distributed,
         )
-        r.advantages, r.returns = self.estimator.fn(r, settings)
+        r.advantages, r.returns = self.estimator(r, settings)
         if hp.whiten_advantages:
             r.advantages = lp.masked_whiten(r.advantages, m, all_reduce=distributed)
         kl_k1 = (adv.kl_per_token(r.logprobs, r.ref_logprobs, "k1") * m).sum(-1)  # (B,) sequence KL
