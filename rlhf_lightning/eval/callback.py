@@ -102,7 +102,7 @@ class GoldRewardEval(L.Callback):
     def _frozen(self, pl_module: L.LightningModule, attr: str, path: str | None) -> nn.Module | None:
         """The system's frozen model ``attr``, else the one loaded (once) from ``path``, else None."""
         model = getattr(pl_module, attr, None)
-        if model is not None:
+        if isinstance(model, nn.Module):
             return model
         if path is None:
             return None
