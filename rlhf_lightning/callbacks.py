@@ -1,15 +1,16 @@
-"""Callbacks: Hugging Face export at the end of fit, and JSONL prediction writing."""
+"""Callbacks: Hugging Face export at the end of fit, JSONL prediction writing, sample tables.
+
+The training-time evaluation callback is :class:`rlhf_lightning.eval.GoldRewardEval`.
+"""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -69,18 +70,6 @@ class JsonlPredictionWriter(BasePredictionWriter):
         log.info("wrote %d predictions to %s", n, path)
 
 
-def load_callable(spec: str):
-    """Import ``"package.module:function"`` (a gold reward, say) and return the function."""
-    if ":" not in spec:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    module_name, attr = spec.split(":", 1)
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError as e:
-        raise ValueError(f"{module_name!r} has no attribute {attr!r}") from e
-
-
 def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
     """Log a table of samples to every logger that can show one, and always to ``samples.jsonl``.
 
@@ -102,68 +91,3 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps({"key": key, "step": trainer.global_step, **dict(zip(columns, row))}) + "\n")
-
-
-class GoldRewardEval(L.Callback):
-    """Every ``every_n_steps`` PPO iterations, sample held-out prompts and log the ``eval/*`` metrics.
-
-    ``eval/gold_reward`` (when a gold reward is given: any ``module:function`` taking
-    ``(prompt, response)`` and returning a float), ``eval/proxy_reward`` (the reward
-    model), ``eval/kl`` (Monte-Carlo KL to the reference over sampled responses),
-    ``eval/eos_rate`` and ``eval/response_length``. Prompts come from the DataModule's
-    ``eval_dataloader()``; the system must provide ``evaluate_batch``.
-    """
-
-    def __init__(self, gold_reward: str | None = None, every_n_steps: int = 10, max_batches: int | None = None,
-                 at_start: bool = True):
-        self.gold_reward = gold_reward
-        self.every_n_steps = every_n_steps
-        self.max_batches = max_batches
-        self.at_start = at_start
-        self._gold = load_callable(gold_reward) if gold_reward else None
-
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        loader = trainer.datamodule.eval_dataloader()
-        rows: dict[str, list] = {"proxy": [], "kl": [], "length": [], "ended": [], "gold": []}
-        for i, batch in enumerate(loader):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
-            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = pl_module.evaluate_batch(batch)
-            for k in ("proxy", "kl", "length", "ended"):
-                rows[k] += out[k]
-            if self._gold is not None:
-                rows["gold"] += [float(self._gold(p, r)) for p, r in zip(out["prompts"], out["responses"])]
-        n = max(1, len(rows["proxy"]))
-        metrics = {
-            "eval/proxy_reward": sum(rows["proxy"]) / n,
-            "eval/kl": sum(rows["kl"]) / n,
-            "eval/response_length": sum(rows["length"]) / n,
-            "eval/eos_rate": sum(map(float, rows["ended"])) / n,
-        }
-        if rows["gold"]:
-            metrics["eval/gold_reward"] = sum(rows["gold"]) / n
-        return metrics
-
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = self.evaluate(trainer, pl_module)
-        metrics = {k: trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="mean").item()
-                   for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics({**metrics, "ppo/iteration": float(getattr(pl_module, "iteration", 0))},
-                               step=trainer.global_step)
-        log.info("step %d: %s", trainer.global_step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_start and getattr(pl_module, "iteration", 0) == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        iteration = getattr(pl_module, "iteration", batch_idx + 1)
-        if self.every_n_steps and iteration % self.every_n_steps == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        iteration = getattr(pl_module, "iteration", 0)
-        if not self.every_n_steps or iteration % self.every_n_steps:
-            self._run(trainer, pl_module)

@@ -1,20 +1,34 @@
-"""Evaluation metrics by hand, policy comparison end to end on tiny exports, and the markdown report."""
+"""Evaluation: metrics by hand, sample_and_score against naive loops, policy comparison end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
 
 import pytest
+import torch
 
+from rlhf_lightning.data.collate import PromptCollator, tokenize_prompt
 from rlhf_lightning.data.demo import gold_reward
-from rlhf_lightning.evaluation import aggregate_metrics, distinct_n, evaluate_policies, summarize, win_rate
-from rlhf_lightning.generation import SamplingConfig
-from rlhf_lightning.report import read_metrics_csv, summary_lines, write_report
+from rlhf_lightning.data.records import PromptExample
+from rlhf_lightning.eval import (
+    METRIC_COLUMNS,
+    aggregate_metrics,
+    distinct_n,
+    evaluate_policies,
+    format_table,
+    sample_and_score,
+    summarize,
+    training_eval_metrics,
+    win_rate,
+)
+from rlhf_lightning.eval.evaluate import main as evaluate_main
+from rlhf_lightning.generation import SamplingConfig, sample_responses
+from rlhf_lightning.models import build_reward_model, load_causal_lm
+from tests.conftest import TINY_MODEL_CONFIG
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEMO_GOLD = "rlhf_lightning.data.demo:gold_reward"
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -78,6 +92,105 @@ def test_aggregate_metrics_known_win_rate():
     assert not any(k.startswith("win_rate") for k in aggregate_metrics(records, baseline="dpo")["ppo"])
 
 
+def test_aggregate_metrics_without_reference_or_scores():
+    rows = [{"policy": "dpo", "index": i, "response": "a b", "length": 3, "ended": i == 0, "kl": None, "proxy": None}
+            for i in range(2)]
+    m = aggregate_metrics(rows)["dpo"]
+    assert not {"kl_to_ref", "proxy_reward_mean", "gold_reward_mean"} & set(m)  # nothing measured is invented
+    assert m["eos_rate"] == 0.5 and m["response_length_mean"] == 3.0
+
+
+def test_training_eval_metrics_by_hand():
+    rows = [{"length": 4, "ended": True, "kl": 0.5, "proxy": 1.0, "gold": 0.2},
+            {"length": 2, "ended": False, "kl": 1.5, "proxy": -3.0, "gold": 0.4}]
+    # means over 2 samples: proxy (1 - 3) / 2 = -1, kl (0.5 + 1.5) / 2 = 1, length 3, eos 1/2, gold 0.3
+    assert training_eval_metrics(rows) == pytest.approx({"eval/proxy_reward": -1.0, "eval/kl": 1.0,
+                                                         "eval/response_length": 3.0, "eval/eos_rate": 0.5,
+                                                         "eval/gold_reward": 0.3})
+    for r in rows:
+        r["kl"] = r["proxy"] = None
+        del r["gold"]
+    assert set(training_eval_metrics(rows)) == {"eval/response_length", "eval/eos_rate"}
+    assert training_eval_metrics([]) == {}
+
+
+def test_format_table_uses_the_one_column_list():
+    metrics = {"sft": {"gold_reward_mean": 0.1, "gold_reward_std": 0.2, "kl_to_ref": 0.0, "n_samples": 3},
+               "ppo": {"gold_reward_mean": 0.5, "gold_reward_std": 0.1, "win_rate_vs_sft_gold": 0.75, "n_samples": 3}}
+    header, sft, ppo = (line.split() for line in format_table(metrics, "sft").splitlines())
+    # METRIC_COLUMNS order, only the columns some policy has; the std beside its column.
+    assert header == ["policy", "gold", "gold_sd", "KL", "win/sft", "n"]
+    assert sft == ["sft", "0.100", "0.200", "0.000", "-", "3"]
+    assert ppo == ["ppo", "0.500", "0.100", "-", "0.750", "3"]
+    assert [c.key for c in METRIC_COLUMNS].count("kl_to_ref") == 1
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+
+
+PROMPTS = ["The movie was", "I hated this film", "Review: a fine story with a few"]
+
+
+@pytest.fixture()
+def prompt_batch(tokenizer):
+    features = [tokenize_prompt(PromptExample(p), tokenizer, 16) for p in PROMPTS]
+    return PromptCollator(tokenizer.pad_token_id)(features)
+
+
+def _tiny(tokenizer, seed):
+    torch.manual_seed(seed)
+    return load_causal_lm(None, tokenizer, model_config=dict(TINY_MODEL_CONFIG)).eval()
+
+
+def naive_response_logp(model, query: list[int], response: list[int], temperature: float) -> float:
+    """Sum of log p(response_t | query, response_<t) for ONE unpadded sequence, from the full logits."""
+    ids = torch.tensor([query + response])
+    logits = model(input_ids=ids).logits[0] / temperature  # (T, V)
+    logp = logits.log_softmax(-1)
+    return sum(logp[len(query) + t - 1, tok].item() for t, tok in enumerate(response))
+
+
+def test_sample_and_score_policy_is_reference_gives_exactly_zero_kl(tiny_lm, tokenizer, prompt_batch):
+    sampling = SamplingConfig(max_new_tokens=6)
+    torch.manual_seed(0)
+    rows = sample_and_score(tiny_lm, tiny_lm, None, tokenizer, prompt_batch, sampling)
+    assert [r["kl"] for r in rows] == [0.0] * len(PROMPTS)
+    assert [r["prompt"] for r in rows] == PROMPTS and all(r["proxy"] is None for r in rows)
+    # Without a reference there is no KL at all.
+    torch.manual_seed(0)
+    assert all(r["kl"] is None for r in sample_and_score(tiny_lm, None, None, tokenizer, prompt_batch, sampling))
+
+
+def test_sample_and_score_matches_naive_loops(tokenizer, prompt_batch):
+    policy, reference = _tiny(tokenizer, 0).train(), _tiny(tokenizer, 1)
+    rm = build_reward_model(None, tokenizer, model_config=dict(TINY_MODEL_CONFIG)).eval()
+    sampling, temperature = SamplingConfig(max_new_tokens=6, temperature=1.3), 0.7
+
+    torch.manual_seed(3)
+    gen = sample_responses(policy, prompt_batch["input_ids"], prompt_batch["attention_mask"], tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, sampling)
+    after_sampling = torch.get_rng_state()
+    torch.manual_seed(3)
+    rows = sample_and_score(policy, reference, rm, tokenizer, prompt_batch, sampling, temperature=temperature)
+    # One sample_responses call and nothing else draws random numbers.
+    assert torch.equal(torch.get_rng_state(), after_sampling)
+    assert policy.training  # eval mode for the scoring passes only
+
+    ids = torch.cat([prompt_batch["input_ids"], gen.response_ids], 1)  # (B, Q+A)
+    mask = torch.cat([prompt_batch["attention_mask"], gen.response_mask], 1)  # (B, Q+A)
+    proxy = rm(ids, mask).tolist()
+    policy.eval()
+    with torch.no_grad():
+        for b, row in enumerate(rows):
+            query = prompt_batch["input_ids"][b][prompt_batch["attention_mask"][b].bool()].tolist()
+            response = gen.response_ids[b][gen.response_mask[b].bool()].tolist()
+            kl = (naive_response_logp(policy, query, response, temperature)
+                  - naive_response_logp(reference, query, response, temperature))
+            assert row["kl"] == pytest.approx(kl, abs=1e-4)
+            assert row["length"] == len(response) and row["ended"] == bool(gen.ended[b])
+            assert row["proxy"] == pytest.approx(proxy[b])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -87,7 +200,7 @@ def test_evaluate_policies_end_to_end(demo_workspace, tmp_path):
     copy = shutil.copytree(sft, tmp_path / "copy")  # same weights, another path: loaded separately
     result = evaluate_policies(
         {"sft": sft, "copy": str(copy)}, str(ws / "data/demo/prompts_heldout.jsonl"), reference=sft,
-        reward_model=str(ws / "runs/demo/reward/hf"), sampling=SamplingConfig(max_new_tokens=8),
+        reward_model=str(ws / "runs/demo/reward/hf"), gold_reward=DEMO_GOLD, sampling=SamplingConfig(max_new_tokens=8),
         batch_size=4, max_prompts=6, out_dir=str(tmp_path / "eval"),
     )
     m = result["policies"]
@@ -110,92 +223,16 @@ def test_evaluate_policies_end_to_end(demo_workspace, tmp_path):
 
 
 def test_evaluate_cli(demo_workspace, tmp_path, capsys):
+    # `rlhf-lightning evaluate ARGS` calls rlhf_lightning.eval.evaluate.main(ARGS).
     ws = demo_workspace
     sft = str(ws / "runs/demo/sft/hf")
-    from rlhf_lightning.cli import cli_main
-
-    result = cli_main(["evaluate", "--policy", f"sft={sft}", "--reference", sft, "--prompts",
-                       str(ws / "data/demo/prompts_heldout.jsonl"), "--gold_reward", "none", "--max_prompts", "2",
-                       "--max_new_tokens", "4", "--out", str(tmp_path)])
+    result = evaluate_main(["--policy", f"sft={sft}", "--reference", sft, "--prompts",
+                   str(ws / "data/demo/prompts_heldout.jsonl"), "--gold_reward", "none", "--max_prompts", "2",
+                   "--max_new_tokens", "4", "--out", str(tmp_path)])
     assert "gold_reward_mean" not in result["policies"]["sft"] and (tmp_path / "eval.json").is_file()
     assert "policy" in capsys.readouterr().out
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _write_csv(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = sorted({k for r in rows for k in r})
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, columns)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE and len(data) > 1024, path
-
-
-def test_write_report(tmp_path):
-    run = tmp_path / "run"
-    _write_csv(run / "sft/logs/metrics.csv",
-               [{"step": s, "sft/loss": 3 - s / 10} for s in range(5)] + [{"step": 4, "val/sft/loss": 2.7, "epoch": 0}])
-    _write_csv(run / "reward/logs/metrics.csv",
-               [{"step": s, "rm/accuracy": 0.5 + s / 20} for s in range(5)] + [{"step": 4, "val/rm/accuracy": 0.7}])
-    _write_csv(run / "dpo/logs/metrics.csv",
-               [{"step": s, "dpo/loss": 0.69 - s / 50, "dpo/chosen_logp": -20 - s, "dpo/rejected_logp": -20 - 2 * s,
-                 "dpo/reward_margin": s / 10} for s in range(5)])
-    # PPO: train rows and eval rows on separate lines, as Lightning writes them; gold peaks, proxy keeps rising.
-    _write_csv(run / "ppo/logs/metrics.csv",
-               [{"step": s, "ppo/reward_score": s / 4, "ppo/kl": s / 2, "ppo/kl_coef": 0.05, "ppo/entropy": 2 - s / 10}
-                for s in range(6)]
-               + [{"step": s, "eval/kl": s * 1.0, "eval/proxy_reward": s / 3, "eval/gold_reward": s * (4 - s) / 8,
-                   "eval/eos_rate": 1.0} for s in range(0, 6, 2)])
-    (run / "data").mkdir()
-    (run / "data/summary.json").write_text(json.dumps({"preference_ceiling_val": 0.84}))
-    (run / "pipeline_state.json").write_text(json.dumps({"stages": {"sft": {"seconds": 60.0}, "ppo": {"seconds": 90}}}))
-    policies = {
-        "sft": {"gold_reward_mean": 0.0, "gold_reward_std": 0.5, "proxy_reward_mean": 0.0, "kl_to_ref": 0.0,
-                "win_rate_vs_sft_gold": 0.5, "eos_rate": 1.0, "response_length_mean": 20.0, "n_samples": 4},
-        "ppo": {"gold_reward_mean": 0.4, "gold_reward_std": 0.3, "proxy_reward_mean": 1.2, "kl_to_ref": 3.0,
-                "win_rate_vs_sft_gold": 0.7, "eos_rate": 0.9, "response_length_mean": 25.0, "n_samples": 4},
-        "dpo": {"gold_reward_mean": 0.5, "gold_reward_std": 0.3, "kl_to_ref": 2.0, "n_samples": 4},
-    }
-    (run / "eval.json").write_text(json.dumps({"policies": policies, "settings": {"baseline": "sft", "n_prompts": 4}}))
-    with (run / "eval_samples.jsonl").open("w") as f:
-        for name in policies:
-            for i in range(2):
-                f.write(json.dumps({"policy": name, "index": i, "prompt": f"prompt {i}", "response": f"{name} | {i}",
-                                    "gold": 0.1, "proxy": None, "kl": 0.0}) + "\n")
-
-    md_path = write_report(run)
-    md = md_path.read_text()
-    assert md_path == run / "report.md"
-    for name in policies:
-        assert f"**{name}**" in md and f"{name} \\| 0" in md  # table row; sample with its pipe escaped
-    assert "0.840" in md and "0.700" in md  # ceiling and final validation accuracy
-    assert "150.0" in md  # total wall time
-    figures = sorted((run / "figures").glob("*.png"))
-    names = {p.name for p in figures}
-    assert {"frontier.png", "ppo_gold_proxy_vs_kl.png", "reward_rm_accuracy.png", "sft_curves.png",
-            "reward_curves.png", "dpo_curves.png", "ppo_curves.png"} <= names
-    for p in figures:
-        _assert_png(p)
-        assert f"](figures/{p.name})" in md  # relative links render from run_dir
-    # Gold over the eval rows, s(4-s)/8 for s = 0, 2, 4: 0, 0.5, 0 (blank cells of train rows skipped).
-    assert read_metrics_csv(run / "ppo/logs/metrics.csv")["eval/gold_reward"] == [(0, 0.0), (2, 0.5), (4, 0.0)]
-    # The terminal summary the pipeline prints at the end: one row per policy, "-" where a
-    # policy lacks a metric, then the RM accuracy beside its ceiling.
-    lines = summary_lines(run)
-    assert lines[0].split() == ["policy", "gold", "proxy", "KL", "EOS", "length", "win/sft"]
-    assert lines[2].split() == ["ppo", "0.400", "1.200", "3.000", "0.900", "25.000", "0.700"]
-    assert lines[3].split() == ["dpo", "0.500", "-", "2.000", "-", "-", "-"]
-    assert lines[4] == "reward model: validation accuracy 0.700 (label-noise ceiling 0.840)"
-
-
-def test_report_skips_what_is_missing(tmp_path):
-    _write_csv(tmp_path / "sft/logs/metrics.csv", [{"step": 0, "unrelated": 1.0}])
-    md = write_report(tmp_path, stages={"sft": "sft", "ppo": "ppo"}).read_text()
-    assert md.startswith("# RLHF run report") and "Nothing to report" in md
+    # No gold reward unless one is named; named, it is used.
+    common = ["--policy", f"sft={sft}", "--reference", sft, "--prompts",
+              str(ws / "data/demo/prompts_heldout.jsonl"), "--max_prompts", "2", "--max_new_tokens", "4"]
+    assert "gold_reward_mean" not in evaluate_main(common)["policies"]["sft"]
+    assert "gold_reward_mean" in evaluate_main(common + ["--gold_reward", DEMO_GOLD])["policies"]["sft"]
