@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_lightning import pipeline
 from rlhf_lightning.data import demo
-from rlhf_lightning import evaluation as evaluate
+from rlhf_lightning.eval import evaluate
 from rlhf_lightning.trainer_cli import quiet_known_false_alarms, run_lightning_cli
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

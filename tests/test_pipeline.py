@@ -144,7 +144,7 @@ def test_a_new_stage_is_one_registry_entry_plus_its_config(tmp_path, monkeypatch
     monkeypatch.setattr("rlhf_lightning.pipeline.runner.STAGES", stages_module.STAGES)
     config = tmp_path / "dpo_strong.yaml"
     config.write_text(config_path("dpo.yaml").read_text().replace("beta: 0.1", "beta: 0.5"))
-    stage = Stage("dpo_strong", consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file"),
+    stage = Stage("dpo_strong", consumes=STAGES["dpo"].consumes,
                   config=str(config), policy=True)
     register_stage(stage)
     run_dir = tmp_path / "run"

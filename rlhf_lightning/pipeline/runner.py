@@ -167,7 +167,7 @@ class Pipeline:
 
     def evaluate(self) -> None:
         """Every policy export of this run against the SFT export, on the held-out prompts."""
-        from rlhf_lightning.evaluation import evaluate_policies
+        from rlhf_lightning.eval import evaluate_policies
         from rlhf_lightning.generation import SamplingConfig
 
         inputs = self.resolve_inputs(STAGES["evaluate"])

@@ -131,8 +131,13 @@ register_stage(
     )
 )
 register_stage(
-    Stage("dpo", consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file"), config="dpo.yaml",
-          policy=True)
+    Stage(
+        "dpo",
+        consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file", "heldout_prompts_file",
+                  "gold_reward"),
+        config="dpo.yaml",
+        policy=True,
+    )
 )
 # Critic-free online RL: the same inputs as PPO (the reward model, or only reward functions).
 for _name in ("grpo", "rloo", "reinforce_pp"):
