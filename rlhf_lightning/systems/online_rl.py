@@ -228,6 +228,7 @@ class OnlineRLModule(PolicySystem):
                  "advantages_mean": lp.masked_mean(r.advantages, m)}
         if r.returns is not None:
             stats["returns_mean"] = lp.masked_mean(r.returns, m)
+        if r.values is not None:
             stats["values_mean"] = lp.masked_mean(r.values, m)
         return stats
 
@@ -272,7 +273,7 @@ class OnlineRLModule(PolicySystem):
             if r.logprobs is not None:
                 stats.update(self.compute_advantages(r))
             stats.update(self.learner.learn(r))
-            if r.returns is not None:
+            if r.values is not None:
                 with torch.no_grad():
                     stats["explained_variance"] = adv.explained_variance(r.values, r.returns, r.response_mask)
         stats["time_learn"] = torch.tensor(time.perf_counter() - t0)
