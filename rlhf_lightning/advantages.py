@@ -11,7 +11,7 @@ are returned here; the training systems log what they need.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -56,7 +56,12 @@ class JsonlPredictionWriter(BasePredictionWriter):
             path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # One dataloader gives a list of batches (lists of dicts); several give one such list each.
-        nested = bool(predictions) and isinstance(predictions[0], list) and bool(predictions[0]) and isinstance(predictions[0][0], list)
+        nested = (
+            bool(predictions)
+            and isinstance(predictions[0], list)
+            and bool(predictions[0])
+            and isinstance(predictions[0][0], list)
+        )
         batches = [b for dl in predictions for b in dl] if nested else predictions
         with path.open("w") as f:
             for batch in batches:
@@ -84,10 +89,14 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
             logger.log_text(key=key, columns=columns, data=rows, step=trainer.global_step)
         elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
             header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-            body = "".join("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n" for row in rows)
+            body = "".join(
+                "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n" for row in rows
+            )
             logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
     path = Path(log_dir or trainer.default_root_dir) / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for row in rows:
-            f.write(json.dumps({"key": key, "step": trainer.global_step, **dict(zip(columns, row))}) + "\n")
+            f.write(
+                json.dumps({"key": key, "step": trainer.global_step, **dict(zip(columns, row, strict=True))}) + "\n"
+            )

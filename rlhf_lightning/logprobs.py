@@ -49,7 +49,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not aligned")
     rows = []
-    for row_logits, row_labels in zip(logits, labels):  # one (T, V) float32 copy at a time
+    for row_logits, row_labels in zip(logits, labels, strict=True):  # one (T, V) float32 copy at a time
         z = row_logits.float()
         if temperature != 1.0:
             z = z / temperature

@@ -20,7 +20,7 @@ Token-level losses take the reduction over ``(B, A)`` as ``aggregate``, an
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,10 @@ Aggregate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, A), m
 
 
 def sft_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, denominator: torch.Tensor | float | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    denominator: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Next-token negative log-likelihood, token mean over the batch.
 

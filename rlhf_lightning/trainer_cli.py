@@ -60,17 +60,23 @@ def quiet_known_false_alarms() -> None:
     # Lightning advertises its cloud products in every fit; no flag turns the tips off.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
     # The frozen reference and reward models are in eval mode by design (systems/base.py).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
-                            category=PossibleUserWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning
+    )
     # Online-RL systems evaluate by generation (GoldRewardEval), not with validation_step.
-    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`",
-                            category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`", category=UserWarning
+    )
     # With manual optimisation the checkpoint after the optimizer step is the one to resume from.
-    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
-                            category=UserWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+        category=UserWarning,
+    )
     # Lightning 2.6 calls torch's deprecated LeafSpec check; harmless until torch removes it.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     # One progress bar per from_pretrained/save_pretrained of these small exports is noise.
     hf_logging.disable_progress_bar()
 

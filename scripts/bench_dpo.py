@@ -4,7 +4,8 @@
 
 Setting: tiny Llama (4 layers, d=256, the demo tokenizer's vocabulary), 8 pairs per step,
 prompt 64 + response 64 tokens, fp32, AdamW. A step is forward + backward + optimizer step,
-reference forward included. Warm-up steps are not timed; with --repeat the best round is reported (shared machines are noisy).
+reference forward included. Warm-up steps are not timed; with --repeat the best round is
+reported (shared machines are noisy).
 
   (a) plain loop: separate chosen / rejected forwards for policy and reference
   (b) DPOModule through a Trainer (progress bar, logger, checkpointing off)
@@ -22,23 +23,39 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collate import IGNORE_INDEX, PreferenceCollator
-from rlhf_lightning.systems.dpo import DPOModule
 from rlhf_lightning.losses import dpo_loss
 from rlhf_lightning.models import causal_lm_logits, freeze, load_causal_lm, load_tokenizer
+from rlhf_lightning.systems.dpo import DPOModule
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
-         "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 
 
 def make_pairs(n: int, vocab: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     feats = []
     for i in range(n):
-        p, c, r = (torch.randint(3, vocab, (k,), generator=g).tolist() for k in (prompt_len, response_len, response_len))
-        feats.append({"chosen_input_ids": p + c, "chosen_labels": [IGNORE_INDEX] * prompt_len + c,
-                      "rejected_input_ids": p + r, "rejected_labels": [IGNORE_INDEX] * prompt_len + r,
-                      "margin": None, "index": i})
+        p, c, r = (
+            torch.randint(3, vocab, (k,), generator=g).tolist() for k in (prompt_len, response_len, response_len)
+        )
+        feats.append(
+            {
+                "chosen_input_ids": p + c,
+                "chosen_labels": [IGNORE_INDEX] * prompt_len + c,
+                "rejected_input_ids": p + r,
+                "rejected_labels": [IGNORE_INDEX] * prompt_len + r,
+                "margin": None,
+                "index": i,
+            }
+        )
     return feats
 
 
@@ -108,10 +125,16 @@ class _Timer(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def lightning_run(tokenizer_dir, tok, feats, batch_size, steps, warmup, device, precompute) -> tuple[float, float | None]:
+def lightning_run(
+    tokenizer_dir, tok, feats, batch_size, steps, warmup, device, precompute
+) -> tuple[float, float | None]:
     torch.manual_seed(0)
-    module = DPOModule(model_config=MODEL, tokenizer=tokenizer_dir, precompute_ref_logps=precompute,
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6))
+    module = DPOModule(
+        model_config=MODEL,
+        tokenizer=tokenizer_dir,
+        precompute_ref_logps=precompute,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+    )
     timed = {}
     cache = module.cache_reference_logps
 
@@ -122,9 +145,17 @@ def lightning_run(tokenizer_dir, tok, feats, batch_size, steps, warmup, device, 
 
     module.cache_reference_logps = timed_cache
     timer = _Timer(warmup)
-    trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=warmup + steps,
-                        logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=_Data(feats, batch_size, tok.pad_token_id))
     pairs_s = steps * batch_size / (timer.t1 - timer.t0)
     pre = len(feats) / timed["precompute"] if "precompute" in timed else None
@@ -149,9 +180,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)
     feats = make_pairs((args.steps + args.warmup) * args.batch_pairs, len(tok), args.prompt_len, args.response_len)
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {len(tok)} vocab, "
-          f"{args.batch_pairs} pairs x ({args.prompt_len}+{args.response_len}) tokens, {args.steps} timed steps "
-          f"after {args.warmup} warm-up")
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {len(tok)} vocab, "
+        f"{args.batch_pairs} pairs x ({args.prompt_len}+{args.response_len}) tokens, {args.steps} timed steps "
+        f"after {args.warmup} warm-up"
+    )
     # Rounds interleave the three runs so background load hits them alike; best of the rounds is kept.
     best: dict[str, tuple[float, str]] = {}
     for _ in range(args.repeat):
@@ -159,10 +192,14 @@ def main() -> None:
             rate = plain_loop(tok, feats, args.batch_pairs, args.steps, args.warmup, args.device)
             best["(a) plain PyTorch loop"] = max(best.get("(a) plain PyTorch loop", (0.0, "")), (rate, ""))
         if "b" in args.only:
-            rate, _ = lightning_run(args.tokenizer, tok, feats, args.batch_pairs, args.steps, args.warmup, args.device, False)
+            rate, _ = lightning_run(
+                args.tokenizer, tok, feats, args.batch_pairs, args.steps, args.warmup, args.device, False
+            )
             best["(b) DPOModule + Trainer"] = max(best.get("(b) DPOModule + Trainer", (0.0, "")), (rate, ""))
         if "c" in args.only:
-            rate, (secs, pre) = lightning_run(args.tokenizer, tok, feats, args.batch_pairs, args.steps, args.warmup, args.device, True)
+            rate, (secs, pre) = lightning_run(
+                args.tokenizer, tok, feats, args.batch_pairs, args.steps, args.warmup, args.device, True
+            )
             note = f"precompute of {len(feats)} pairs: {secs:.2f} s ({pre:.0f} pairs/s)"
             best["(c) DPOModule + precompute"] = max(best.get("(c) DPOModule + precompute", (0.0, "")), (rate, note))
     print(f"\n| {'run':<28} | pairs/s | note")

@@ -46,8 +46,9 @@ def make_batches(n: int, pairs: int, length: int, vocab: int, pad_id: int, seed:
     for _ in range(n):
         ids = torch.randint(3, vocab, (2 * pairs, length), generator=g)  # (2B, T)
         ids[ids == pad_id] = 3
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "labels": ids.clone(), "num_pairs": pairs})
+        out.append(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "num_pairs": pairs}
+        )
     return out
 
 
@@ -91,13 +92,22 @@ class _StepTimer(L.Callback):
 
 def lightning_loop(batches: list[dict], warmup: int, tokenizer_dir: str, lr: float) -> list[float]:
     torch.manual_seed(0)
-    module = RewardModule(model_config=dict(MODEL_CONFIG), tokenizer=tokenizer_dir,
-                          optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+    module = RewardModule(
+        model_config=dict(MODEL_CONFIG), tokenizer=tokenizer_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=lr)
+    )
     timer = _StepTimer(warmup)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=loader)
     return timer.times
 
@@ -130,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         results["(a) plain, two forwards"] += plain_loop(batches, args.warmup, tokenizer, False, args.lr)
         results["(b) plain, one concatenated forward"] += plain_loop(batches, args.warmup, tokenizer, True, args.lr)
         results["(c) RewardModule + Lightning Trainer"] += lightning_loop(batches, args.warmup, args.tokenizer, args.lr)
-    print(f"\nreward-model training step: {args.pairs} pairs x {length} tokens, {args.repeats} x {args.steps} timed "
-          f"steps (+{args.warmup} warm-up each), {torch.get_num_threads()} threads, vocab {len(tokenizer)}")
+    print(
+        f"\nreward-model training step: {args.pairs} pairs x {length} tokens, {args.repeats} x {args.steps} timed "
+        f"steps (+{args.warmup} warm-up each), {torch.get_num_threads()} threads, vocab {len(tokenizer)}"
+    )
     print(f"{'variant':<40} {'pairs/s':>9} {'pairs/s (median step)':>22} {'ms/step (median)':>17}")
     for name, times in results.items():
         total = sum(times)

@@ -23,9 +23,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-         "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 def make_batch(tok, batch: int, prompt: int, response: int) -> dict[str, torch.Tensor]:
@@ -47,7 +54,8 @@ def plain_loop(tok, batch, steps: int, warmup: int) -> list[float]:
         t0 = time.perf_counter()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -63,8 +71,7 @@ def lightning_module(tok_dir: str, batch, steps: int, warmup: int) -> list[float
     from rlhf_lightning.systems.sft import SFTModule
 
     torch.manual_seed(0)
-    module = SFTModule(model_config=MODEL, tokenizer=tok_dir,
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+    module = SFTModule(model_config=MODEL, tokenizer=tok_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     times = []
 
     class Timer(L.Callback):
@@ -82,9 +89,17 @@ def lightning_module(tok_dir: str, batch, steps: int, warmup: int) -> list[float
             times.append(time.perf_counter() - self.last)
 
     loader = torch.utils.data.DataLoader([batch] * (warmup + steps), batch_size=None)
-    L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, gradient_clip_val=1.0, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[Timer()]).fit(module, train_dataloaders=loader)
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    ).fit(module, train_dataloaders=loader)
     return times
 
 

@@ -19,30 +19,59 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 DEMO_SIZES = {"n_sft": 256, "n_pairs": 128, "n_val_pairs": 32, "n_prompts": 64, "n_heldout": 16}
 
 
 def pipeline_args(run_dir: Path) -> list[str]:
     quiet = {"trainer.enable_progress_bar": False, "trainer.limit_val_batches": 2}
     stages = {
-        "sft": {"config": str(ROOT / "configs/sft.yaml"),
-                "overrides": {**quiet, "model.init_args.model_config": TINY, "trainer.max_steps": 12,
-                              "data.init_args.batch_size": 16}},
-        "reward": {"config": str(ROOT / "configs/reward.yaml"),
-                   "overrides": {**quiet, "trainer.max_steps": 6, "data.init_args.batch_size": 8}},
-        "ppo": {"config": str(ROOT / "configs/ppo.yaml"),
-                "overrides": {"trainer.enable_progress_bar": False, "trainer.max_steps": 12,
-                              "data.init_args.batch_size": 8, "model.init_args.minibatch_size": 8,
-                              "model.init_args.sampling": {"max_new_tokens": 12},
-                              "data.init_args.val_batch_size": 8}},
-        "dpo": {"config": str(ROOT / "configs/dpo.yaml"),
-                "overrides": {**quiet, "trainer.max_steps": 6, "data.init_args.batch_size": 8}},
+        "sft": {
+            "config": str(ROOT / "configs/sft.yaml"),
+            "overrides": {
+                **quiet,
+                "model.init_args.model_config": TINY,
+                "trainer.max_steps": 12,
+                "data.init_args.batch_size": 16,
+            },
+        },
+        "reward": {
+            "config": str(ROOT / "configs/reward.yaml"),
+            "overrides": {**quiet, "trainer.max_steps": 6, "data.init_args.batch_size": 8},
+        },
+        "ppo": {
+            "config": str(ROOT / "configs/ppo.yaml"),
+            "overrides": {
+                "trainer.enable_progress_bar": False,
+                "trainer.max_steps": 12,
+                "data.init_args.batch_size": 8,
+                "model.init_args.minibatch_size": 8,
+                "model.init_args.sampling": {"max_new_tokens": 12},
+                "data.init_args.val_batch_size": 8,
+            },
+        },
+        "dpo": {
+            "config": str(ROOT / "configs/dpo.yaml"),
+            "overrides": {**quiet, "trainer.max_steps": 6, "data.init_args.batch_size": 8},
+        },
     }
-    return ["pipeline", "-c", str(ROOT / "configs/quickstart.yaml"), f"--run_dir={run_dir}",
-            json.dumps({"demo": True, "demo_sizes": DEMO_SIZES}).join(["--data=", ""]),
-            f"--stages={json.dumps(stages)}", '--evaluate={"max_new_tokens": 12, "max_prompts": 16}']
+    return [
+        "pipeline",
+        "-c",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"--run_dir={run_dir}",
+        json.dumps({"demo": True, "demo_sizes": DEMO_SIZES}).join(["--data=", ""]),
+        f"--stages={json.dumps(stages)}",
+        '--evaluate={"max_new_tokens": 12, "max_prompts": 16}',
+    ]
 
 
 def main() -> None:
@@ -60,8 +89,10 @@ def main() -> None:
         cli_main(pipeline_args(run_dir))
     finally:
         sys.stdout = stdout
-    out = {stage: hashlib.sha256((run_dir / stage / "hf" / "model.safetensors").read_bytes()).hexdigest()
-           for stage in ("sft", "reward", "ppo", "dpo")}
+    out = {
+        stage: hashlib.sha256((run_dir / stage / "hf" / "model.safetensors").read_bytes()).hexdigest()
+        for stage in ("sft", "reward", "ppo", "dpo")
+    }
     out["eval"] = json.loads((run_dir / "eval.json").read_text())["policies"]
     print(json.dumps(out, indent=1, sort_keys=True))
 

@@ -92,6 +92,14 @@ def quiet_trainer(tmp_path, **kw):
     """A CPU Trainer with no logger, checkpoints, progress bar or validation; ``kw`` overrides."""
     import lightning as L
 
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     return L.Trainer(**{**opts, **kw})

@@ -48,7 +48,7 @@ def test_no_import_cycles():
     def visit(node: str) -> None:
         if node in done:
             return
-        assert node not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(node):] + [node])
+        assert node not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(node) :] + [node])
         visiting.append(node)
         for nxt in sorted(graph[node]):
             visit(nxt)
@@ -92,7 +92,11 @@ def test_maths_imports_only_torch():
 
 
 def test_every_file_readable_in_one_sitting():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"files over {MAX_LINES} lines: {long}"
 
 

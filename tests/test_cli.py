@@ -48,8 +48,16 @@ def test_fast_dev_run_every_stage_config(name, demo_workspace, monkeypatch, tmp_
     monkeypatch.chdir(demo_workspace)
     # default_root_dir -> tmp_path: HFExport writes tmp_path/hf, so the workspace's SFT and reward
     # exports, which the other stages and tests read, stay as the fixture built them.
-    cli = cli_main(["fit", "-c", str(CONFIGS / name), "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false",
-                    f"--trainer.default_root_dir={tmp_path}"])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS / name),
+            "--trainer.fast_dev_run=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.trainer.state.finished and cli.trainer.global_step >= 1  # it trained
 
     # The export is the next stage's input: it loads with plain transformers, model and tokenizer agree.
@@ -78,9 +86,16 @@ def test_fast_dev_run_every_stage_config(name, demo_workspace, monkeypatch, tmp_
 def test_predict_writes_jsonl(demo_workspace, monkeypatch):
     monkeypatch.chdir(demo_workspace)
     out = demo_workspace / "runs/demo/pred.jsonl"
-    cli_main(["predict", "-c", str(CONFIGS / "predict.yaml"), "--trainer.enable_progress_bar=false",
-              "--trainer.callbacks.init_args.output=" + str(out),
-              "--model.init_args.sampling.max_new_tokens=4"])
+    cli_main(
+        [
+            "predict",
+            "-c",
+            str(CONFIGS / "predict.yaml"),
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.output=" + str(out),
+            "--model.init_args.sampling.max_new_tokens=4",
+        ]
+    )
     lines = out.read_text().splitlines()
     assert len(lines) == 16  # every held-out prompt of the small workspace
     assert all({"prompt", "response", "ended_with_eos"} <= set(yaml.safe_load(line)) for line in lines)
@@ -91,20 +106,33 @@ def test_bad_record_error_names_file_and_line(demo_workspace, monkeypatch, tmp_p
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": " b."}\n{"prompt": "c", "response": " d."}\n{"prompt": "e", \n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3:"):
-        cli_main(["fit", "-c", str(CONFIGS / "sft.yaml"), "--trainer.fast_dev_run=1",
-                  f"--data.init_args.train_file={bad}"])
+        cli_main(
+            ["fit", "-c", str(CONFIGS / "sft.yaml"), "--trainer.fast_dev_run=1", f"--data.init_args.train_file={bad}"]
+        )
 
 
 @pytest.mark.slow
 def test_sft_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", str(CONFIGS / "sft.yaml"),
-           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-           "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-           "--data.init_args.group_by_length=true",  # the custom sampler under Lightning's DDP wrapper
-           f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks.init_args.dirpath={tmp_path}/hf",
-           '--model.init_args.model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
-           '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_lightning.cli",
+        "fit",
+        "-c",
+        str(CONFIGS / "sft.yaml"),
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.group_by_length=true",  # the custom sampler under Lightning's DDP wrapper
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks.init_args.dirpath={tmp_path}/hf",
+        '--model.init_args.model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
+        '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}',
+    ]
     proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "hf" / "model.safetensors").exists()
@@ -114,8 +142,27 @@ def test_console_script_exits_zero_on_success(tmp_path):
     # The installed `rlhf-lightning` script: a shell `&&` chain must go on after a successful run.
     script = Path(sys.executable).parent / "rlhf-lightning"
     assert script.exists(), "install the package (pip install -e .) to get the console script"
-    proc = subprocess.run([str(script), "demo-data", "--out", str(tmp_path / "d"), "--n-sft", "40", "--n-pairs", "8",
-                           "--n-val-pairs", "4", "--n-prompts", "8", "--n-heldout", "4"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            str(script),
+            "demo-data",
+            "--out",
+            str(tmp_path / "d"),
+            "--n-sft",
+            "40",
+            "--n-pairs",
+            "8",
+            "--n-val-pairs",
+            "4",
+            "--n-prompts",
+            "8",
+            "--n-heldout",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "d" / "summary.json").is_file()

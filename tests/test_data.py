@@ -20,10 +20,10 @@ from rlhf_lightning.data.collate import (
 )
 from rlhf_lightning.data.datamodules import (
     LengthGroupedSampler,
-    TokenWindowSampler,
     PreferenceDataModule,
     PromptDataModule,
     SFTDataModule,
+    TokenWindowSampler,
     split_examples,
 )
 from rlhf_lightning.data.records import (
@@ -67,10 +67,15 @@ def test_broken_third_line_names_file_and_line(tmp_path):
         ({"prompt": "hi", "response": 3}, "field 'response' must be a string, got int"),
         ({"prompt": "hi", "response": None}, "field 'response' is null"),
         ({"text": "hi"}, "expected keys 'prompt' and 'response', or 'messages'"),
-        ({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-         "messages[0]: unknown role 'human'"),
+        (
+            {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "messages[0]: unknown role 'human'",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}]}, "last message of 'messages' must be from the assistant"),
-        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}, "messages[0]: missing key 'content'"),
+        (
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]},
+            "messages[0]: missing key 'content'",
+        ),
         ({"messages": "hi"}, "field 'messages' must be a non-empty list of messages, got str"),
     ],
 )
@@ -133,16 +138,33 @@ H, A = "\n\nHuman:", "\n\nAssistant:"
 @pytest.mark.parametrize(
     "chosen, rejected, prompt, chosen_resp, rejected_resp",
     [
-        (f"{H} How are you?{A} I am fine.", f"{H} How are you?{A} I hate you.",
-         f"{H} How are you?{A}", "I am fine.", "I hate you."),
-        (f"{H} hi{A} hello{H} a joke?{A} a cat sat.", f"{H} hi{A} hello{H} a joke?{A} no.",
-         f"{H} hi{A} hello{H} a joke?{A}", "a cat sat.", "no."),
+        (
+            f"{H} How are you?{A} I am fine.",
+            f"{H} How are you?{A} I hate you.",
+            f"{H} How are you?{A}",
+            "I am fine.",
+            "I hate you.",
+        ),
+        (
+            f"{H} hi{A} hello{H} a joke?{A} a cat sat.",
+            f"{H} hi{A} hello{H} a joke?{A} no.",
+            f"{H} hi{A} hello{H} a joke?{A}",
+            "a cat sat.",
+            "no.",
+        ),
         # diverging in the first reply: later turns belong to the responses
-        (f"{H} help?{A} yes{H} thanks{A} welcome", f"{H} help?{A} no{H} why?{A} because",
-         f"{H} help?{A}", f"yes{H} thanks{A} welcome", f"no{H} why?{A} because"),
+        (
+            f"{H} help?{A} yes{H} thanks{A} welcome",
+            f"{H} help?{A} no{H} why?{A} because",
+            f"{H} help?{A}",
+            f"yes{H} thanks{A} welcome",
+            f"no{H} why?{A} because",
+        ),
     ],
 )
-def test_hh_transcripts_split_at_last_shared_assistant_turn(tmp_path, chosen, rejected, prompt, chosen_resp, rejected_resp):
+def test_hh_transcripts_split_at_last_shared_assistant_turn(
+    tmp_path, chosen, rejected, prompt, chosen_resp, rejected_resp
+):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
     assert load_examples(path, "preference") == [PreferenceExample(prompt, chosen_resp, rejected_resp, None)]
 
@@ -155,8 +177,13 @@ def test_hh_transcripts_split_at_last_shared_assistant_turn(tmp_path, chosen, re
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, "chosen and rejected are identical"),
         ({"prompt": "p", "chosen": "a"}, "missing key 'rejected'"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
-        ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-          "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}]}, "no shared prompt"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}],
+            },
+            "no shared prompt",
+        ),
     ],
 )
 def test_bad_preference_records(tmp_path, data_tokenizer, record, problem):
@@ -281,7 +308,9 @@ def test_sft_datamodule_setup_and_batch(tmp_path, data_tokenizer_dir, caplog):
     counts = [int(n) for n in re.findall(r"(\d+) prompts truncated \(left\) to 12 tokens", caplog.text)]
     assert len(counts) == 2 and sum(counts) == 1 == sum(f["prompt_truncated"] for f in train + val)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "loss_denominator"} and batch["input_ids"].shape[0] == 4
+    assert (
+        set(batch) == {"input_ids", "attention_mask", "labels", "loss_denominator"} and batch["input_ids"].shape[0] == 4
+    )
     # No accumulation, one process: the denominator is this batch's scored tokens (a token mean).
     assert batch["loss_denominator"].item() == (batch["labels"][:, 1:] != -100).sum().item()
     assert "loss_denominator" not in next(iter(dm.val_dataloader()))
@@ -375,7 +404,11 @@ def test_datamodule_group_by_length_covers_every_example_with_less_padding(tmp_p
         dm = SFTDataModule(str(data_tokenizer_dir), str(path), val_fraction=0, batch_size=4, group_by_length=grouped)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
-        seen[grouped] = sorted(tuple(row[m.bool()].tolist()) for b in batches for row, m in zip(b["input_ids"], b["attention_mask"]))
+        seen[grouped] = sorted(
+            tuple(row[m.bool()].tolist())
+            for b in batches
+            for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        )
         padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
     assert seen[True] == seen[False]  # the same examples, each once
     assert padding[True] < padding[False] / 2
@@ -398,7 +431,9 @@ def test_token_windows_make_ddp_accumulation_a_token_mean(world, accumulate, bat
 
     order = [i for i, _ in sampler()]
     assert len(order) % world == 0 and sorted(set(order)) == list(range(n))
-    per_rank = [list(DistributedSamplerWrapper(sampler(), num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    per_rank = [
+        list(DistributedSamplerWrapper(sampler(), num_replicas=world, rank=r, shuffle=False)) for r in range(world)
+    ]
     assert sum(len(p) for p in per_rank) == len(order)  # the wrapper pads nothing more
     micro = [[p[k : k + batch] for k in range(0, len(p), batch)] for p in per_rank]
     window = batch * world * accumulate

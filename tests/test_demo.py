@@ -82,9 +82,11 @@ def test_defects_score_below_the_clean_response():
     for name, response in defects.items():
         assert gold(response) < clean - 0.3, name
     assert gold(" I loved it! The acting was wonderful") <= 0.0  # cut-off penalty is strong
-    long = (" I watched it on Sunday with my sister. The film is set in Paris. The plot was long."
-            " The music was loud. It is based on a novel. I saw it at the old theater. It runs for about"
-            " two hours. The pacing was quiet. The cast was familiar. The ending was simple. I loved it!")
+    long = (
+        " I watched it on Sunday with my sister. The film is set in Paris. The plot was long."
+        " The music was loud. It is based on a novel. I saw it at the old theater. It runs for about"
+        " two hours. The pacing was quiet. The cast was familiar. The ending was simple. I loved it!"
+    )
     assert len(long.split()) > MAX_WORDS
     assert gold(long) < gold(" I loved it!")
 
@@ -96,8 +98,13 @@ def test_gibberish_scores_low():
     for _ in range(20):
         noise = " " + "".join(rng.choice(chars) for _ in range(rng.randint(5, 80)))
         assert gold(noise) <= neutral
-    for response in (" Blorp zarg quix the flim.", " The acting was wonderfu.", " @@@ ### 123.",
-                     " The acting was wonderful ☃☃☃.", " The aktink woz wunderfull!"):
+    for response in (
+        " Blorp zarg quix the flim.",
+        " The acting was wonderfu.",
+        " @@@ ### 123.",
+        " The acting was wonderful ☃☃☃.",
+        " The aktink woz wunderfull!",
+    ):
         assert gold(response) <= neutral, response
 
 
@@ -127,9 +134,15 @@ def test_determinism(tmp_path):
     write_demo_data(tmp_path / "b", seed=3, **SMALL)
     write_demo_data(tmp_path / "c", seed=4, **SMALL)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert {str(f) for f in files} >= {"sft.jsonl", "preferences_train.jsonl", "preferences_val.jsonl",
-                                       "prompts_train.jsonl", "prompts_heldout.jsonl", "summary.json",
-                                       "tokenizer/tokenizer.json"}
+    assert {str(f) for f in files} >= {
+        "sft.jsonl",
+        "preferences_train.jsonl",
+        "preferences_val.jsonl",
+        "prompts_train.jsonl",
+        "prompts_heldout.jsonl",
+        "summary.json",
+        "tokenizer/tokenizer.json",
+    }
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     for name in ("sft.jsonl", "preferences_train.jsonl", "prompts_heldout.jsonl"):
@@ -173,8 +186,11 @@ def test_heldout_prompts_are_disjoint(data_dir):
     out, summary = data_dir
     heldout = {r["prompt"] for r in read_jsonl(out / "prompts_heldout.jsonl")}
     train = {r["prompt"] for r in read_jsonl(out / "prompts_train.jsonl")}
-    seen = {r["prompt"] for name in ("sft", "preferences_train", "preferences_val")
-            for r in read_jsonl(out / f"{name}.jsonl")} | train
+    seen = {
+        r["prompt"]
+        for name in ("sft", "preferences_train", "preferences_val")
+        for r in read_jsonl(out / f"{name}.jsonl")
+    } | train
     assert len(heldout) == SIZES["n_heldout"] and len(train) == SIZES["n_prompts"]
     assert not heldout & seen
     opening = lambda p: next(f"{o} {s}" for o in demo.OPENERS for s in demo.SUBJECTS if p.startswith(f"{o} {s} "))  # noqa: E731
@@ -199,8 +215,24 @@ def test_tokenizer_round_trips_and_joins(data_dir):
 
 
 def test_main_cli(tmp_path, capsys):
-    summary = main(["--out", str(tmp_path / "d"), "--seed", "1", "--n-sft", "100", "--n-pairs", "20",
-                    "--n-val-pairs", "20", "--n-prompts", "30", "--n-heldout", "12"])
+    summary = main(
+        [
+            "--out",
+            str(tmp_path / "d"),
+            "--seed",
+            "1",
+            "--n-sft",
+            "100",
+            "--n-pairs",
+            "20",
+            "--n-val-pairs",
+            "20",
+            "--n-prompts",
+            "30",
+            "--n-heldout",
+            "12",
+        ]
+    )
     printed = capsys.readouterr().out
     assert '"sft_gold_mean"' in printed and summary["n_sft"] == 100 and summary["seed"] == 1
     assert len(read_jsonl(tmp_path / "d" / "prompts_heldout.jsonl")) == 12

@@ -13,9 +13,9 @@ import torch
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.data.collate import IGNORE_INDEX, PreferenceCollator, pad_right
 from rlhf_lightning.data.datamodules import PreferenceDataModule
-from rlhf_lightning.systems.dpo import DPOModule, sequence_logps
 from rlhf_lightning.losses import ipo_loss, simpo_loss
 from rlhf_lightning.models import freeze, load_causal_lm, save_hf
+from rlhf_lightning.systems.dpo import DPOModule, sequence_logps
 from tests.conftest import TINY_MODEL_CONFIG, quiet_trainer
 
 DPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dpo.yaml"
@@ -39,14 +39,24 @@ def setup(tmp_path_factory, tokenizer, tokenizer_dir):
         save_hf(load_causal_lm(None, tokenizer, model_config=dict(TINY_MODEL_CONFIG)), tokenizer, root / name)
     for split, pairs in (("train", PAIRS * 2), ("val", PAIRS[:3])):
         (root / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+            "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs)
+        )
     return {k: str(root / k) for k in ("sft", "other")} | {
-        "train": str(root / "train.jsonl"), "val": str(root / "val.jsonl"), "tokenizer": tokenizer_dir}
+        "train": str(root / "train.jsonl"),
+        "val": str(root / "val.jsonl"),
+        "tokenizer": tokenizer_dir,
+    }
 
 
 def make_data(s, batch_size=4):
-    dm = PreferenceDataModule(tokenizer=s["tokenizer"], train_file=s["train"], val_file=s["val"],
-                              batch_size=batch_size, max_prompt_length=16, max_response_length=16)
+    dm = PreferenceDataModule(
+        tokenizer=s["tokenizer"],
+        train_file=s["train"],
+        val_file=s["val"],
+        batch_size=batch_size,
+        max_prompt_length=16,
+        max_response_length=16,
+    )
     dm.setup("fit")
     return dm
 
@@ -86,12 +96,17 @@ def test_concatenated_forward_equals_separate_and_naive(setup, tiny_lm):
         parts = []
         for side in ("chosen", "rejected"):  # each side padded only to its own longest
             ids = [f[f"{side}_input_ids"] for f in feats]
-            sep = {"input_ids": pad_right(ids, dm.tokenizer.pad_token_id),
-                   "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
-                   "labels": pad_right([f[f"{side}_labels"] for f in feats], IGNORE_INDEX)}
+            sep = {
+                "input_ids": pad_right(ids, dm.tokenizer.pad_token_id),
+                "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
+                "labels": pad_right([f[f"{side}_labels"] for f in feats], IGNORE_INDEX),
+            }
             parts.append(sequence_logps(tiny_lm, sep))
-        naive = [naive_logps(tiny_lm, f[f"{side}_input_ids"], f[f"{side}_labels"])
-                 for side in ("chosen", "rejected") for f in feats]
+        naive = [
+            naive_logps(tiny_lm, f[f"{side}_input_ids"], f[f"{side}_labels"])
+            for side in ("chosen", "rejected")
+            for f in feats
+        ]
     assert batch["input_ids"].shape[0] == 8 and (batch["attention_mask"] == 0).any()  # padding present
     torch.testing.assert_close(together, torch.cat(parts), atol=1e-5, rtol=0)
     torch.testing.assert_close(together, torch.tensor(naive), atol=1e-4, rtol=0)
@@ -148,11 +163,13 @@ def test_precomputed_reference_equals_on_the_fly(setup, tmp_path):
     losses = {}
     for precompute in (False, True):
         torch.manual_seed(0)
-        module = DPOModule(model=setup["sft"], ref_model=setup["other"], tokenizer=setup["tokenizer"],
-                           precompute_ref_logps=precompute)
+        module = DPOModule(
+            model=setup["sft"], ref_model=setup["other"], tokenizer=setup["tokenizer"], precompute_ref_logps=precompute
+        )
         probe = FirstLoss()
-        trainer(tmp_path, max_steps=1, limit_val_batches=1.0, num_sanity_val_steps=0,
-                callbacks=[probe]).fit(module, datamodule=make_data(setup))
+        trainer(tmp_path, max_steps=1, limit_val_batches=1.0, num_sanity_val_steps=0, callbacks=[probe]).fit(
+            module, datamodule=make_data(setup)
+        )
         losses[precompute] = probe.loss
     # the reference differs from the policy, so the first loss is not log 2 and depends on ref values
     assert abs(losses[False] - math.log(2)) > 1e-3
@@ -171,9 +188,12 @@ def test_reference_frozen_and_unsaved_policy_trained(setup, tmp_path):
     ref_before = {k: v.clone() for k, v in module.ref_policy.state_dict().items()}
     pol_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     ckpt_dir = tmp_path / "ckpt"
-    trainer(tmp_path, max_steps=3, enable_checkpointing=True,
-            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)]
-            ).fit(module, datamodule=make_data(setup))
+    trainer(
+        tmp_path,
+        max_steps=3,
+        enable_checkpointing=True,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+    ).fit(module, datamodule=make_data(setup))
     assert not module.ref_policy.training and not any(p.requires_grad for p in module.ref_policy.parameters())
     opt_params = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
     assert not opt_params & {id(p) for p in module.ref_policy.parameters()}
@@ -212,15 +232,25 @@ def test_simpo_loads_no_reference_and_trains(setup, tmp_path):
 
 def test_loss_kwargs_checked_against_loss_fn(setup):
     with pytest.raises(TypeError, match="label_smoothing"):
-        DPOModule(model=setup["sft"], tokenizer=setup["tokenizer"], loss_fn=ipo_loss, loss_kwargs={"label_smoothing": 0.1})
+        DPOModule(
+            model=setup["sft"], tokenizer=setup["tokenizer"], loss_fn=ipo_loss, loss_kwargs={"label_smoothing": 0.1}
+        )
 
 
 def test_cli_ipo_via_loss_fn(demo_workspace, monkeypatch):
     monkeypatch.chdir(demo_workspace)
-    cli = cli_main(["fit", "-c", str(DPO_CONFIG),
-                    "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false",
-                    "--model.init_args.loss_fn=rlhf_lightning.losses.ipo_loss", "--model.init_args.beta=0.1",
-                    "--model.init_args.precompute_ref_logps=true"])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(DPO_CONFIG),
+            "--trainer.fast_dev_run=1",
+            "--trainer.enable_progress_bar=false",
+            "--model.init_args.loss_fn=rlhf_lightning.losses.ipo_loss",
+            "--model.init_args.beta=0.1",
+            "--model.init_args.precompute_ref_logps=true",
+        ]
+    )
     assert cli.model.loss_fn is ipo_loss and cli.model.ref_policy is None  # precomputed, then freed
     # step 0, policy == reference: IPO loss = (0 - 1 / (2 beta))^2 = 5^2 = 25
     assert cli.trainer.callback_metrics["dpo/loss"].item() == pytest.approx(25.0, abs=1e-3)

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
+from rlhf_lightning.dpo import DPOModule
+from rlhf_lightning.ppo import PPOModule
 
 from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule
-from rlhf_lightning.dpo import DPOModule
 from rlhf_lightning.eval import GoldRewardEval
 from rlhf_lightning.generation import SamplingConfig
-from rlhf_lightning.ppo import PPOModule
 from tests.conftest import quiet_trainer
 
 DEMO_GOLD = "rlhf_lightning.data.demo:gold_reward"
@@ -40,17 +40,28 @@ def evals(logger: Keep) -> list[tuple[int, dict[str, float]]]:
 
 
 def paths(ws) -> dict[str, str]:
-    return {"sft": str(ws / "runs/demo/sft/hf"), "rm": str(ws / "runs/demo/reward/hf"),
-            "tok": str(ws / "data/demo/tokenizer"), "prompts": str(ws / "data/demo/prompts_heldout.jsonl"),
-            "train": str(ws / "data/demo/preferences_train.jsonl"), "val": str(ws / "data/demo/preferences_val.jsonl")}
+    return {
+        "sft": str(ws / "runs/demo/sft/hf"),
+        "rm": str(ws / "runs/demo/reward/hf"),
+        "tok": str(ws / "data/demo/tokenizer"),
+        "prompts": str(ws / "data/demo/prompts_heldout.jsonl"),
+        "train": str(ws / "data/demo/preferences_train.jsonl"),
+        "val": str(ws / "data/demo/preferences_val.jsonl"),
+    }
 
 
 def dpo_run(ws, tmp_path, callback: GoldRewardEval, **kw):
     p = paths(ws)
     L.seed_everything(0)
     module = DPOModule(model=p["sft"], tokenizer=p["tok"], sampling=SamplingConfig(max_new_tokens=6), **kw)
-    dm = PreferenceDataModule(tokenizer=p["tok"], train_file=p["train"], val_file=p["val"], batch_size=4,
-                              max_prompt_length=32, max_response_length=32)
+    dm = PreferenceDataModule(
+        tokenizer=p["tok"],
+        train_file=p["train"],
+        val_file=p["val"],
+        batch_size=4,
+        max_prompt_length=32,
+        max_response_length=32,
+    )
     logger = Keep()
     trainer = quiet_trainer(tmp_path, max_steps=2, logger=logger, callbacks=[callback], accumulate_grad_batches=2)
     trainer.fit(module, datamodule=dm)
@@ -78,8 +89,15 @@ def test_dpo_with_its_reference_logs_kl_and_gold(demo_workspace, tmp_path):
 
 def test_dpo_without_reference_in_memory_loads_it(demo_workspace, tmp_path):
     p = paths(demo_workspace)
-    cb = GoldRewardEval(gold_reward=DEMO_GOLD, every_n_steps=0, max_batches=1, prompts_file=p["prompts"],
-                        batch_size=4, reference=p["sft"], reward_model=p["rm"])
+    cb = GoldRewardEval(
+        gold_reward=DEMO_GOLD,
+        every_n_steps=0,
+        max_batches=1,
+        prompts_file=p["prompts"],
+        batch_size=4,
+        reference=p["sft"],
+        reward_model=p["rm"],
+    )
     module, trainer, logger = dpo_run(demo_workspace, tmp_path, cb, precompute_ref_logps=True)
     assert module.ref_policy is None  # freed once its log-probs were cached
     rows = evals(logger)
@@ -97,17 +115,31 @@ def test_dpo_without_reference_in_memory_loads_it(demo_workspace, tmp_path):
 def test_ppo_counts_iterations_and_logs_ppo_iteration(demo_workspace, tmp_path):
     p = paths(demo_workspace)
     L.seed_everything(0)
-    module = PPOModule(model=p["sft"], reward_model=p["rm"], tokenizer=p["tok"], sampling=SamplingConfig(max_new_tokens=6),
-                       ppo_epochs=1)
-    dm = PromptDataModule(tokenizer=p["tok"], train_file=p["prompts"], val_fraction=0.0, batch_size=4,
-                          max_prompt_length=32, eval_file=p["prompts"], val_batch_size=4)
+    module = PPOModule(
+        model=p["sft"],
+        reward_model=p["rm"],
+        tokenizer=p["tok"],
+        sampling=SamplingConfig(max_new_tokens=6),
+        ppo_epochs=1,
+    )
+    dm = PromptDataModule(
+        tokenizer=p["tok"],
+        train_file=p["prompts"],
+        val_fraction=0.0,
+        batch_size=4,
+        max_prompt_length=32,
+        eval_file=p["prompts"],
+        val_batch_size=4,
+    )
     logger = Keep()
     cb = GoldRewardEval(gold_reward=DEMO_GOLD, every_n_steps=2, max_batches=1)  # prompts: dm.eval_dataloader()
     quiet_trainer(tmp_path, max_steps=3, logger=logger, callbacks=[cb]).fit(module, datamodule=dm)
     rows = evals(logger)
     # Iterations 0 (start), 2 (periodic) and 3 (the end, not a multiple of 2).
     assert [m["ppo/iteration"] for _, m in rows] == [0.0, 2.0, 3.0]
-    assert {"eval/kl", "eval/proxy_reward", "eval/gold_reward", "eval/response_length", "eval/eos_rate"} <= set(rows[0][1])
+    assert {"eval/kl", "eval/proxy_reward", "eval/gold_reward", "eval/response_length", "eval/eos_rate"} <= set(
+        rows[0][1]
+    )
     assert rows[0][1]["eval/kl"] == 0.0  # the policy starts as its reference
 
 

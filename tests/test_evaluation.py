@@ -64,16 +64,29 @@ def test_summarize_by_hand():
 
 def _records(policy, responses, kls):
     return [
-        {"policy": policy, "index": i, "prompt": f"p{i}", "response": r, "gold": gold_reward(f"p{i}", r),
-         "proxy": float(len(r)), "kl": k, "length": len(r.split()) + 1, "ended": True}
-        for i, (r, k) in enumerate(zip(responses, kls))
+        {
+            "policy": policy,
+            "index": i,
+            "prompt": f"p{i}",
+            "response": r,
+            "gold": gold_reward(f"p{i}", r),
+            "proxy": float(len(r)),
+            "kl": k,
+            "length": len(r.split()) + 1,
+            "ended": True,
+        }
+        for i, (r, k) in enumerate(zip(responses, kls, strict=True))
     ]
 
 
 def test_aggregate_metrics_known_win_rate():
     sft = ["The script was clever.", "The acting was terrible.", "It runs for about two hours.", "The ending was dull."]
-    ppo = ["The acting was wonderful.", "The ending was dull.", "It runs for about two hours.",
-           "The acting was terrible."]
+    ppo = [
+        "The acting was wonderful.",
+        "The ending was dull.",
+        "It runs for about two hours.",
+        "The acting was terrible.",
+    ]
     # gold (tanh(S/2), no penalty): sft 0.462, -0.762, 0.0, -0.462; ppo 0.762, -0.462, 0.0, -0.762
     # ppo vs sft per prompt: win, win, tie, loss -> (1 + 1 + 0.5 + 0) / 4 = 0.625
     records = _records("ppo", ppo, [1.0, 2.0, 0.0, 3.0]) + _records("sft", sft, [0.0] * 4)
@@ -93,20 +106,30 @@ def test_aggregate_metrics_known_win_rate():
 
 
 def test_aggregate_metrics_without_reference_or_scores():
-    rows = [{"policy": "dpo", "index": i, "response": "a b", "length": 3, "ended": i == 0, "kl": None, "proxy": None}
-            for i in range(2)]
+    rows = [
+        {"policy": "dpo", "index": i, "response": "a b", "length": 3, "ended": i == 0, "kl": None, "proxy": None}
+        for i in range(2)
+    ]
     m = aggregate_metrics(rows)["dpo"]
     assert not {"kl_to_ref", "proxy_reward_mean", "gold_reward_mean"} & set(m)  # nothing measured is invented
     assert m["eos_rate"] == 0.5 and m["response_length_mean"] == 3.0
 
 
 def test_training_eval_metrics_by_hand():
-    rows = [{"length": 4, "ended": True, "kl": 0.5, "proxy": 1.0, "gold": 0.2},
-            {"length": 2, "ended": False, "kl": 1.5, "proxy": -3.0, "gold": 0.4}]
+    rows = [
+        {"length": 4, "ended": True, "kl": 0.5, "proxy": 1.0, "gold": 0.2},
+        {"length": 2, "ended": False, "kl": 1.5, "proxy": -3.0, "gold": 0.4},
+    ]
     # means over 2 samples: proxy (1 - 3) / 2 = -1, kl (0.5 + 1.5) / 2 = 1, length 3, eos 1/2, gold 0.3
-    assert training_eval_metrics(rows) == pytest.approx({"eval/proxy_reward": -1.0, "eval/kl": 1.0,
-                                                         "eval/response_length": 3.0, "eval/eos_rate": 0.5,
-                                                         "eval/gold_reward": 0.3})
+    assert training_eval_metrics(rows) == pytest.approx(
+        {
+            "eval/proxy_reward": -1.0,
+            "eval/kl": 1.0,
+            "eval/response_length": 3.0,
+            "eval/eos_rate": 0.5,
+            "eval/gold_reward": 0.3,
+        }
+    )
     for r in rows:
         r["kl"] = r["proxy"] = None
         del r["gold"]
@@ -115,8 +138,10 @@ def test_training_eval_metrics_by_hand():
 
 
 def test_format_table_uses_the_one_column_list():
-    metrics = {"sft": {"gold_reward_mean": 0.1, "gold_reward_std": 0.2, "kl_to_ref": 0.0, "n_samples": 3},
-               "ppo": {"gold_reward_mean": 0.5, "gold_reward_std": 0.1, "win_rate_vs_sft_gold": 0.75, "n_samples": 3}}
+    metrics = {
+        "sft": {"gold_reward_mean": 0.1, "gold_reward_std": 0.2, "kl_to_ref": 0.0, "n_samples": 3},
+        "ppo": {"gold_reward_mean": 0.5, "gold_reward_std": 0.1, "win_rate_vs_sft_gold": 0.75, "n_samples": 3},
+    }
     header, sft, ppo = (line.split() for line in format_table(metrics, "sft").splitlines())
     # METRIC_COLUMNS order, only the columns some policy has; the std beside its column.
     assert header == ["policy", "gold", "gold_sd", "KL", "win/sft", "n"]
@@ -167,8 +192,14 @@ def test_sample_and_score_matches_naive_loops(tokenizer, prompt_batch):
     sampling, temperature = SamplingConfig(max_new_tokens=6, temperature=1.3), 0.7
 
     torch.manual_seed(3)
-    gen = sample_responses(policy, prompt_batch["input_ids"], prompt_batch["attention_mask"], tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, sampling)
+    gen = sample_responses(
+        policy,
+        prompt_batch["input_ids"],
+        prompt_batch["attention_mask"],
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        sampling,
+    )
     after_sampling = torch.get_rng_state()
     torch.manual_seed(3)
     rows = sample_and_score(policy, reference, rm, tokenizer, prompt_batch, sampling, temperature=temperature)
@@ -184,8 +215,9 @@ def test_sample_and_score_matches_naive_loops(tokenizer, prompt_batch):
         for b, row in enumerate(rows):
             query = prompt_batch["input_ids"][b][prompt_batch["attention_mask"][b].bool()].tolist()
             response = gen.response_ids[b][gen.response_mask[b].bool()].tolist()
-            kl = (naive_response_logp(policy, query, response, temperature)
-                  - naive_response_logp(reference, query, response, temperature))
+            kl = naive_response_logp(policy, query, response, temperature) - naive_response_logp(
+                reference, query, response, temperature
+            )
             assert row["kl"] == pytest.approx(kl, abs=1e-4)
             assert row["length"] == len(response) and row["ended"] == bool(gen.ended[b])
             assert row["proxy"] == pytest.approx(proxy[b])
@@ -199,9 +231,15 @@ def test_evaluate_policies_end_to_end(demo_workspace, tmp_path):
     sft = str(ws / "runs/demo/sft/hf")
     copy = shutil.copytree(sft, tmp_path / "copy")  # same weights, another path: loaded separately
     result = evaluate_policies(
-        {"sft": sft, "copy": str(copy)}, str(ws / "data/demo/prompts_heldout.jsonl"), reference=sft,
-        reward_model=str(ws / "runs/demo/reward/hf"), gold_reward=DEMO_GOLD, sampling=SamplingConfig(max_new_tokens=8),
-        batch_size=4, max_prompts=6, out_dir=str(tmp_path / "eval"),
+        {"sft": sft, "copy": str(copy)},
+        str(ws / "data/demo/prompts_heldout.jsonl"),
+        reference=sft,
+        reward_model=str(ws / "runs/demo/reward/hf"),
+        gold_reward=DEMO_GOLD,
+        sampling=SamplingConfig(max_new_tokens=8),
+        batch_size=4,
+        max_prompts=6,
+        out_dir=str(tmp_path / "eval"),
     )
     m = result["policies"]
     assert m["sft"]["kl_to_ref"] == 0.0  # the reference itself: exactly 0
@@ -209,8 +247,17 @@ def test_evaluate_policies_end_to_end(demo_workspace, tmp_path):
     assert m["sft"]["win_rate_vs_sft_gold"] == 0.5 and m["sft"]["win_rate_vs_sft_proxy"] == 0.5
     for name in ("sft", "copy"):
         assert m[name]["n_samples"] == 6
-        for key in ("gold_reward_mean", "gold_reward_std", "gold_reward_quantiles", "proxy_reward_mean",
-                    "eos_rate", "response_length_mean", "distinct_1", "distinct_2", "win_rate_vs_sft_gold"):
+        for key in (
+            "gold_reward_mean",
+            "gold_reward_std",
+            "gold_reward_quantiles",
+            "proxy_reward_mean",
+            "eos_rate",
+            "response_length_mean",
+            "distinct_1",
+            "distinct_2",
+            "win_rate_vs_sft_gold",
+        ):
             assert key in m[name], key
     saved = json.loads((tmp_path / "eval/eval.json").read_text())
     assert set(saved) == {"policies", "settings"} and set(saved["policies"]) == {"sft", "copy"}
@@ -226,13 +273,38 @@ def test_evaluate_cli(demo_workspace, tmp_path, capsys):
     # `rlhf-lightning evaluate ARGS` calls rlhf_lightning.eval.evaluate.main(ARGS).
     ws = demo_workspace
     sft = str(ws / "runs/demo/sft/hf")
-    result = evaluate_main(["--policy", f"sft={sft}", "--reference", sft, "--prompts",
-                   str(ws / "data/demo/prompts_heldout.jsonl"), "--gold_reward", "none", "--max_prompts", "2",
-                   "--max_new_tokens", "4", "--out", str(tmp_path)])
+    result = evaluate_main(
+        [
+            "--policy",
+            f"sft={sft}",
+            "--reference",
+            sft,
+            "--prompts",
+            str(ws / "data/demo/prompts_heldout.jsonl"),
+            "--gold_reward",
+            "none",
+            "--max_prompts",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert "gold_reward_mean" not in result["policies"]["sft"] and (tmp_path / "eval.json").is_file()
     assert "policy" in capsys.readouterr().out
     # No gold reward unless one is named; named, it is used.
-    common = ["--policy", f"sft={sft}", "--reference", sft, "--prompts",
-              str(ws / "data/demo/prompts_heldout.jsonl"), "--max_prompts", "2", "--max_new_tokens", "4"]
+    common = [
+        "--policy",
+        f"sft={sft}",
+        "--reference",
+        sft,
+        "--prompts",
+        str(ws / "data/demo/prompts_heldout.jsonl"),
+        "--max_prompts",
+        "2",
+        "--max_new_tokens",
+        "4",
+    ]
     assert "gold_reward_mean" not in evaluate_main(common)["policies"]["sft"]
     assert "gold_reward_mean" in evaluate_main(common + ["--gold_reward", DEMO_GOLD])["policies"]["sft"]

@@ -84,12 +84,14 @@ def test_left_padded_greedy_generation_matches_single_prompt(tiny_lm, tokenizer)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     tokenizer.padding_side = "right"
     assert batch.attention_mask[0, 0] == 0  # the short prompt really is padded
-    batched = sample_responses(tiny_lm, batch.input_ids, batch.attention_mask, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, cfg)
+    batched = sample_responses(
+        tiny_lm, batch.input_ids, batch.attention_mask, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg
+    )
     for i, p in enumerate(prompts):
         ids = torch.tensor([tokenizer(p).input_ids])
-        single = sample_responses(tiny_lm, ids, torch.ones_like(ids), tokenizer.eos_token_id,
-                                  tokenizer.pad_token_id, cfg)
+        single = sample_responses(
+            tiny_lm, ids, torch.ones_like(ids), tokenizer.eos_token_id, tokenizer.pad_token_id, cfg
+        )
         n = int(single.response_mask.sum())
         assert batched.response_ids[i, :n].tolist() == single.response_ids[0, :n].tolist()
 

@@ -43,16 +43,35 @@ def make(exports, reward="length_reward", **kw):
     kw.setdefault("sampling", SamplingConfig(max_new_tokens=6))
     # No weight decay: with zero advantages nothing but AdamW's decay would move the weights.
     kw.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0))
-    defaults = dict(stage="grpo", estimator="grpo", num_samples=4, kl_in_loss=True, kl_estimator="k3",
-                    init_kl_coef=0.04, kl_target=None, whiten_advantages=False, ppo_epochs=1,
-                    loss_aggregation="seq_mean_token_mean", missing_eos_penalty=None)
-    return OnlineRLModule(model=exports["sft"], tokenizer=exports["tokenizer"],
-                          reward_functions=[RewardFunctionSpec(f"{__name__}:{reward}")], **{**defaults, **kw})
+    defaults = dict(
+        stage="grpo",
+        estimator="grpo",
+        num_samples=4,
+        kl_in_loss=True,
+        kl_estimator="k3",
+        init_kl_coef=0.04,
+        kl_target=None,
+        whiten_advantages=False,
+        ppo_epochs=1,
+        loss_aggregation="seq_mean_token_mean",
+        missing_eos_penalty=None,
+    )
+    return OnlineRLModule(
+        model=exports["sft"],
+        tokenizer=exports["tokenizer"],
+        reward_functions=[RewardFunctionSpec(f"{__name__}:{reward}")],
+        **{**defaults, **kw},
+    )
 
 
 def data(exports, batch_size=2):
-    dm = PromptDataModule(tokenizer=exports["tokenizer"], train_file=exports["prompts"], val_fraction=0.0,
-                          batch_size=batch_size, max_prompt_length=16)
+    dm = PromptDataModule(
+        tokenizer=exports["tokenizer"],
+        train_file=exports["prompts"],
+        val_fraction=0.0,
+        batch_size=batch_size,
+        max_prompt_length=16,
+    )
     dm.setup("fit")
     return dm
 
@@ -132,7 +151,8 @@ def test_dynamic_sampling_drops_groups_without_signal(policy_export, tmp_path):
 
     # No optimizer step is taken, so the run is bounded by batches, not steps.
     quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[Keep()]).fit(
-        module, datamodule=data(policy_export))
+        module, datamodule=data(policy_export)
+    )
     assert module.global_step == 0
     assert logged["grpo/groups_dropped"] == 1.0  # every group had equal scores
     assert "grpo/policy_loss" not in logged  # nothing left to learn from
@@ -145,8 +165,16 @@ def test_one_sample_per_prompt_is_an_error_for_group_estimators(policy_export):
 
 def test_reinforce_pp_whitens_returns_over_the_batch(policy_export):
     L.seed_everything(0)
-    module = make(policy_export, stage="reinforce_pp", estimator="reinforce_pp", num_samples=1, kl_in_loss=False,
-                  kl_estimator="k1", init_kl_coef=0.05, loss_aggregation="token_mean")
+    module = make(
+        policy_export,
+        stage="reinforce_pp",
+        estimator="reinforce_pp",
+        num_samples=1,
+        kl_in_loss=False,
+        kl_estimator="k1",
+        init_kl_coef=0.05,
+        loss_aggregation="token_mean",
+    )
     module.configure_model()
     r, _ = module.collect_rollout(next(iter(data(policy_export, batch_size=4).train_dataloader())))
     module.compute_advantages(r)

@@ -15,8 +15,16 @@ from rlhf_lightning.rl.critics import ValueHeadCritic
 from rlhf_lightning.systems.ppo import PPOModule
 from tests.conftest import quiet_trainer
 
-PROMPTS = ["The movie was", "I hated this film", "Review: a fine story", "My thoughts on this movie:",
-           "The music was", "A terrible script", "The acting was", "This film is"]
+PROMPTS = [
+    "The movie was",
+    "I hated this film",
+    "Review: a fine story",
+    "My thoughts on this movie:",
+    "The music was",
+    "A terrible script",
+    "The acting was",
+    "This film is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,14 @@ def make(exports, **kw):
 
 
 def make_data(exports, batch_size=4):
-    dm = PromptDataModule(tokenizer=exports["tokenizer"], train_file=exports["prompts"], val_fraction=0.0,
-                          batch_size=batch_size, max_prompt_length=16, eval_file=exports["prompts"])
+    dm = PromptDataModule(
+        tokenizer=exports["tokenizer"],
+        train_file=exports["prompts"],
+        val_fraction=0.0,
+        batch_size=batch_size,
+        max_prompt_length=16,
+        eval_file=exports["prompts"],
+    )
     dm.setup("fit")
     return dm
 
@@ -79,8 +93,10 @@ def test_frozen_models_unchanged_trainable_changed(exports, tmp_path):
     module = make(exports, ppo_epochs=1)
     dm = make_data(exports)
     module.configure_model()
-    before = {name: {k: v.clone() for k, v in getattr(module, name).state_dict().items()}
-              for name in ("policy", "ref_policy", "reward_model", "critic")}
+    before = {
+        name: {k: v.clone() for k, v in getattr(module, name).state_dict().items()}
+        for name in ("policy", "ref_policy", "reward_model", "critic")
+    }
     trainer(tmp_path, max_steps=2).fit(module, datamodule=dm)
     for name, changed in (("policy", True), ("critic", True), ("ref_policy", False), ("reward_model", False)):
         after = getattr(module, name).state_dict()
@@ -103,16 +119,18 @@ def test_rollout_masks_after_eos_and_penalises_missing_eos(exports):
     eos = module.tokenizer.eos_token_id
     r, stats = module.collect_rollout(batch)
     ended = (r.response_ids == eos).any(-1)
-    raw = module.reward_model(torch.cat([r.query_ids, r.response_ids], 1), torch.cat([r.query_mask, r.response_mask], 1))
+    raw = module.reward_model(
+        torch.cat([r.query_ids, r.response_ids], 1), torch.cat([r.query_mask, r.response_mask], 1)
+    )
     assert 0 < ended.sum() < len(ended)  # both cases present
     assert torch.allclose(r.scores[~ended], torch.full_like(r.scores[~ended], -3.0))
     assert torch.allclose(r.scores[ended], raw[ended])
     # Nothing after the first EOS is real.
-    for ids, mask in zip(r.response_ids.tolist(), r.response_mask.tolist()):
+    for ids, mask in zip(r.response_ids.tolist(), r.response_mask.tolist(), strict=True):
         if eos in ids:
             k = ids.index(eos)
-            assert mask[: k + 1] == [1] * (k + 1) and not any(mask[k + 1:])
-            assert all(t == module.tokenizer.pad_token_id for t in ids[k + 1:])
+            assert mask[: k + 1] == [1] * (k + 1) and not any(mask[k + 1 :])
+            assert all(t == module.tokenizer.pad_token_id for t in ids[k + 1 :])
     assert stats["eos_rate"].item() == pytest.approx(ended.float().mean().item())
 
 
@@ -150,8 +168,12 @@ def test_resume_restores_kl_coef_and_step(exports, tmp_path):
     L.seed_everything(0)
     ckpt_dir = tmp_path / "ckpt"
     module = make(exports, ppo_epochs=1, kl_target=0.01, kl_horizon=10)
-    t = trainer(tmp_path, max_steps=3, enable_checkpointing=True,
-                callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1)])
+    t = trainer(
+        tmp_path,
+        max_steps=3,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1)],
+    )
     t.fit(module, datamodule=make_data(exports))
     kl_coef, iteration = module.kl_ctl.value, module.iteration
     assert kl_coef != 0.05 and iteration == 3
@@ -181,11 +203,24 @@ def test_ppo_ddp_two_processes_on_cpu(demo_workspace, tmp_path):
 
     config = Path(__file__).resolve().parent.parent / "configs" / "ppo.yaml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", str(config),
-           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-           "--trainer.max_steps=8", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-           "--data.init_args.batch_size=4", "--model.init_args.minibatch_size=2",
-           "--model.init_args.sampling.max_new_tokens=6", "--data.init_args.val_batch_size=8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_lightning.cli",
+        "fit",
+        "-c",
+        str(config),
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=8",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.batch_size=4",
+        "--model.init_args.minibatch_size=2",
+        "--model.init_args.sampling.max_new_tokens=6",
+        "--data.init_args.val_batch_size=8",
+    ]
     proc = subprocess.run(cmd, cwd=demo_workspace, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = (tmp_path / "logs/metrics.csv").read_text()  # everything under default_root_dir
@@ -237,7 +272,7 @@ def test_micro_batch_accumulation_matches_full_minibatch(exports):
         module.learner.accumulate_gradients(r, micro, backward=lambda loss: loss.backward())
         grads.append([p.grad.clone() for p in params])
     for other in grads[1:]:
-        for a, b in zip(grads[0], other):
+        for a, b in zip(grads[0], other, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
@@ -255,19 +290,31 @@ def test_reusing_the_first_learning_forward_changes_nothing(exports, tmp_path, s
 
         class Keep(L.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                logged.update({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("ppo/")})
+                # B023: the callback runs within this loop pass, on this pass's `logged`.
+                logged.update({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("ppo/")})  # noqa: B023
 
         trainer(tmp_path, max_steps=6, callbacks=[Keep()]).fit(module, datamodule=dm)  # 2 iterations x 3 epochs
         value_module = module.critic
-        weights = {**{f"p.{k}": v for k, v in module.policy.state_dict().items()},
-                   **{f"v.{k}": v for k, v in value_module.state_dict().items()}}
+        weights = {
+            **{f"p.{k}": v for k, v in module.policy.state_dict().items()},
+            **{f"v.{k}": v for k, v in value_module.state_dict().items()},
+        }
         results.append((weights, logged, module.learner.update_stats))
     (w_reuse, log_reuse, upd_reuse), (w_plain, log_plain, upd_plain) = results
     for k in w_plain:
         torch.testing.assert_close(w_reuse[k], w_plain[k], rtol=1e-4, atol=1e-6)
     assert set(log_reuse) == set(log_plain)
-    for k in ("ppo/kl", "ppo/entropy", "ppo/values_mean", "ppo/advantages_mean", "ppo/returns_mean",
-              "ppo/policy_loss", "ppo/value_loss", "ppo/reward_score", "ppo/explained_variance"):
+    for k in (
+        "ppo/kl",
+        "ppo/entropy",
+        "ppo/values_mean",
+        "ppo/advantages_mean",
+        "ppo/returns_mean",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/reward_score",
+        "ppo/explained_variance",
+    ):
         torch.testing.assert_close(log_reuse[k], log_plain[k], rtol=1e-4, atol=1e-5)
     assert upd_reuse[0]["ratio_mean"].item() == 1.0
     assert len(upd_reuse) == len(upd_plain) == 3
@@ -288,7 +335,7 @@ def test_policy_and_critic_train_with_gradient_checkpointing(exports, tmp_path):
         L.seed_everything(0)
         trainer(tmp_path, max_steps=1).fit(m, datamodule=make_data(exports))
     # Recomputation changes memory, not results.
-    for a, b in zip(plain.policy.parameters(), ckpt.policy.parameters()):
+    for a, b in zip(plain.policy.parameters(), ckpt.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -317,7 +364,7 @@ def test_several_rollout_batches_per_learning_phase(exports, tmp_path):
 
         class Count(L.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                seen.append((batch_idx, trainer.global_step, pl_module.iteration))
+                seen.append((batch_idx, trainer.global_step, pl_module.iteration))  # noqa: B023 (used in this pass)
 
         trainer(tmp_path, max_steps=2, callbacks=[Count()]).fit(module, datamodule=make_data(exports, batch_size=4))
         # Batch 0 only collects; batch 1 completes the buffer and takes 2 optimizer steps (2 epochs).

@@ -20,8 +20,11 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "reward.yaml"
 
 PAIRS = [
     {"prompt": "The movie was", "chosen": " great and wonderful.", "rejected": " bad."},
-    {"prompt": "I hated this film,", "chosen": " the music was lovely!",
-     "rejected": " the plot was boring and bad and dull."},
+    {
+        "prompt": "I hated this film,",
+        "chosen": " the music was lovely!",
+        "rejected": " the plot was boring and bad and dull.",
+    },
     {"prompt": "Review:", "chosen": " a fine story.", "rejected": " a terrible script, weak actors."},
     {"prompt": "My thoughts on this movie:", "chosen": " it was wonderful!", "rejected": " it was not good at all."},
     {"prompt": "The music was", "chosen": " lovely and the ending made me smile!", "rejected": " dull."},
@@ -50,8 +53,9 @@ def make_module(tokenizer_dir, tiny_config, seed: int = 0, **kw) -> RewardModule
 
 def preference_batch(tokenizer_dir, tmp_path, records=PAIRS) -> dict:
     """All ``records`` as one collated batch, in file order."""
-    dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "p.jsonl", records),
-                              val_fraction=0.0)
+    dm = PreferenceDataModule(
+        tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "p.jsonl", records), val_fraction=0.0
+    )
     dm.setup("fit")
     return dm.collator()(dm.train_dataset)
 
@@ -68,8 +72,12 @@ def test_score_unchanged_by_extra_right_padding(tokenizer_dir, tiny_config, tmp_
         scores = module(ids, mask)
         torch.testing.assert_close(module(wide_ids, wide_mask), scores, rtol=1e-5, atol=1e-5)
         # Each row alone, with no padding at all.
-        alone = torch.stack([module(ids[i: i + 1, : int(mask[i].sum())], mask[i: i + 1, : int(mask[i].sum())])[0]
-                             for i in range(ids.shape[0])])
+        alone = torch.stack(
+            [
+                module(ids[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())])[0]
+                for i in range(ids.shape[0])
+            ]
+        )
     torch.testing.assert_close(alone, scores, rtol=1e-5, atol=1e-5)
     # The score is not constant (else the checks above would be vacuous).
     assert scores.std() > 1e-4
@@ -100,10 +108,19 @@ def test_one_concatenated_forward_equals_two_forwards(tokenizer_dir, tiny_config
 
 def _validate(module, tokenizer_dir, records, tmp_path, name) -> dict[str, float]:
     # 7 pairs in batches of 3 (3 + 3 + 1): the epoch accuracy must count pairs, not average batches.
-    dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / f"{name}_t.jsonl", records),
-                              val_file=write_jsonl(tmp_path / f"{name}_v.jsonl", records), batch_size=3)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(tmp_path))
+    dm = PreferenceDataModule(
+        tokenizer=tokenizer_dir,
+        train_file=write_jsonl(tmp_path / f"{name}_t.jsonl", records),
+        val_file=write_jsonl(tmp_path / f"{name}_v.jsonl", records),
+        batch_size=3,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     return {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
 
@@ -174,8 +191,9 @@ def test_normalization_gives_mean_0_std_1_and_travels_in_the_export(tokenizer_di
     cfg = json.loads((Path(path) / "config.json").read_text())
     assert cfg["rlhf_reward_gain"] == pytest.approx(1 / std) and cfg["rlhf_reward_bias"] == pytest.approx(-mean / std)
     torch.testing.assert_close(score_batches(load_reward_model(path), batches), normed, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(score_batches(load_reward_model(path, normalize=False), batches), raw,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        score_batches(load_reward_model(path, normalize=False), batches), raw, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_normalization_runs_on_the_averaged_weights(tokenizer_dir, tiny_config, tmp_path):
@@ -185,11 +203,24 @@ def test_normalization_runs_on_the_averaged_weights(tokenizer_dir, tiny_config, 
 
     def fit(callbacks):
         module = make_module(tokenizer_dir, tiny_config, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-        dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "t.jsonl", PAIRS),
-                                  val_fraction=0.0, batch_size=2, max_prompt_length=32, max_response_length=32)
-        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                            default_root_dir=str(tmp_path))
+        dm = PreferenceDataModule(
+            tokenizer=tokenizer_dir,
+            train_file=write_jsonl(tmp_path / "t.jsonl", PAIRS),
+            val_fraction=0.0,
+            batch_size=2,
+            max_prompt_length=32,
+            max_response_length=32,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=str(tmp_path),
+        )
         trainer.fit(module, datamodule=dm)
         return module
 
@@ -225,11 +256,22 @@ def test_learns_a_separable_preference(tokenizer_dir, tiny_config, tmp_path):
     records = [{"prompt": p, "chosen": g, "rejected": b} for p in prompts for g in good for b in bad]
     L.seed_everything(0)
     module = make_module(tokenizer_dir, tiny_config, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
-    dm = PreferenceDataModule(tokenizer=tokenizer_dir, train_file=write_jsonl(tmp_path / "sep.jsonl", records),
-                              val_file=write_jsonl(tmp_path / "sep_v.jsonl", records), batch_size=16)
+    dm = PreferenceDataModule(
+        tokenizer=tokenizer_dir,
+        train_file=write_jsonl(tmp_path / "sep.jsonl", records),
+        val_file=write_jsonl(tmp_path / "sep_v.jsonl", records),
+        batch_size=16,
+    )
     before = _validate(module, tokenizer_dir, records, tmp_path, "before")["val/rm/accuracy"]
-    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=dm)
     after = trainer.callback_metrics["val/rm/accuracy"].item()
     assert after == 1.0 and before < 1.0
@@ -243,13 +285,21 @@ def test_cli_fast_dev_run_normalises_before_export(tokenizer, tokenizer_dir, tin
     monkeypatch.chdir(tmp_path)
     save_hf(tiny_lm, tokenizer, tmp_path / "sft_export")
     samples = write_jsonl(tmp_path / "data/demo/sft.jsonl", SFT)
-    cli_main(["fit", "-c", str(CONFIG), "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false",
-              "--trainer.accelerator=cpu",
-              f"--model.init_args.model={tmp_path / 'sft_export'}",
-              f"--data.init_args.tokenizer={tokenizer_dir}",
-              f"--data.init_args.train_file={write_jsonl(tmp_path / 'train.jsonl', PAIRS)}",
-              f"--data.init_args.val_file={write_jsonl(tmp_path / 'val.jsonl', swapped(PAIRS))}",
-              "--data.init_args.batch_size=4"])
+    cli_main(
+        [
+            "fit",
+            "-c",
+            str(CONFIG),
+            "--trainer.fast_dev_run=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=cpu",
+            f"--model.init_args.model={tmp_path / 'sft_export'}",
+            f"--data.init_args.tokenizer={tokenizer_dir}",
+            f"--data.init_args.train_file={write_jsonl(tmp_path / 'train.jsonl', PAIRS)}",
+            f"--data.init_args.val_file={write_jsonl(tmp_path / 'val.jsonl', swapped(PAIRS))}",
+            "--data.init_args.batch_size=4",
+        ]
+    )
     export = tmp_path / "runs/demo/reward/hf"
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and len(cfg["id2label"]) == 1

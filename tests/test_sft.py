@@ -18,10 +18,13 @@ def write_sft(path, records):
 
 
 def test_sft_loss_equals_naive_token_loop(tokenizer_dir, tiny_config, tmp_path):
-    records = [{"prompt": "The movie was", "response": " great and fun."},
-               {"prompt": "I hated this film, the plot", "response": " was bad."}]
-    dm = SFTDataModule(tokenizer=tokenizer_dir, train_file=write_sft(tmp_path / "d.jsonl", records),
-                       val_fraction=0.0, batch_size=2)
+    records = [
+        {"prompt": "The movie was", "response": " great and fun."},
+        {"prompt": "I hated this film, the plot", "response": " was bad."},
+    ]
+    dm = SFTDataModule(
+        tokenizer=tokenizer_dir, train_file=write_sft(tmp_path / "d.jsonl", records), val_fraction=0.0, batch_size=2
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     torch.manual_seed(0)
@@ -49,8 +52,9 @@ def _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumula
     seeded, token-weighted) training loader instead of a plain one in file order."""
     L.seed_everything(0)
     dm = SFTDataModule(tokenizer=tokenizer_dir, train_file=train_file, val_fraction=0.0, batch_size=batch_size)
-    module = SFTModule(model_config=tiny_config, tokenizer=tokenizer_dir,
-                       optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    module = SFTModule(
+        model_config=tiny_config, tokenizer=tokenizer_dir, optimizer=lambda p: torch.optim.SGD(p, lr=1.0)
+    )
     grads = {}
 
     class Grab(L.Callback):
@@ -61,18 +65,30 @@ def _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumula
     dm.setup("fit")
     if fixed_order:
         dm.train_dataloader = lambda: torch.utils.data.DataLoader(  # the same 4 examples, no loss denominator
-            dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator())
-    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, callbacks=[Grab()], default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+            dm.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=dm.collator()
+        )
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Grab()],
+        default_root_dir=str(tmp_path),
+    ).fit(module, datamodule=dm)
     return grads
 
 
 def test_gradient_accumulation_invariance(tokenizer_dir, tiny_config, tmp_path):
     # Micro-batches with equal response-token counts: token mean per micro-batch then
     # averaged over 2 micro-batches equals the token mean of the whole batch of 4.
-    records = [{"prompt": p, "response": " the movie was great."} for p in
-               ["Review:", "I hated this film", "My thoughts on this movie:", "The music was"]]
+    records = [
+        {"prompt": p, "response": " the movie was great."}
+        for p in ["Review:", "I hated this film", "My thoughts on this movie:", "The music was"]
+    ]
     train_file = write_sft(tmp_path / "acc.jsonl", records)
     full = _one_step_grads(tokenizer_dir, tiny_config, train_file, 4, 1, tmp_path / "a")
     accumulated = _one_step_grads(tokenizer_dir, tiny_config, train_file, 2, 2, tmp_path / "b")
@@ -87,15 +103,30 @@ def test_gradient_accumulation_is_exact_with_ragged_micro_batches(tokenizer_dir,
     # denominator of SFTDataModule makes 1x4 = 2x2 = 4x1 (the loader's seeded order puts the
     # same 4 examples in the first step whatever the batch size).
     words = "the movie was great and the actors were wonderful in every scene".split()
-    records = [{"prompt": p, "response": " " + " ".join(words[:k])} for p, k in
-               [("Review:", 1), ("I hated this film", 12), ("My thoughts on this movie:", 3), ("The music was", 9),
-                ("A fine story", 5), ("This film is", 2)]]
+    records = [
+        {"prompt": p, "response": " " + " ".join(words[:k])}
+        for p, k in [
+            ("Review:", 1),
+            ("I hated this film", 12),
+            ("My thoughts on this movie:", 3),
+            ("The music was", 9),
+            ("A fine story", 5),
+            ("This film is", 2),
+        ]
+    ]
     train_file = write_sft(tmp_path / "ragged.jsonl", records)
     full = _one_step_grads(tokenizer_dir, tiny_config, train_file, 4, 1, tmp_path / "a", fixed_order=False)
     assert full
     for batch_size, accumulate in ((2, 2), (1, 4)):
-        accumulated = _one_step_grads(tokenizer_dir, tiny_config, train_file, batch_size, accumulate,
-                                      tmp_path / f"{batch_size}", fixed_order=False)
+        accumulated = _one_step_grads(
+            tokenizer_dir,
+            tiny_config,
+            train_file,
+            batch_size,
+            accumulate,
+            tmp_path / f"{batch_size}",
+            fixed_order=False,
+        )
         assert accumulated.keys() == full.keys()
         for name in full:
             torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)

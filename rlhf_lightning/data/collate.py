@@ -32,7 +32,7 @@ def _prompt_ids(prompt: str, tokenizer: Any, max_prompt_length: int) -> tuple[li
     if len(ids) <= max_prompt_length:
         return ids, False
     if bos is not None and ids[0] == bos and max_prompt_length > 1:
-        return [bos] + ids[len(ids) - max_prompt_length + 1:], True
+        return [bos] + ids[len(ids) - max_prompt_length + 1 :], True
     return ids[-max_prompt_length:], True
 
 
@@ -110,7 +110,7 @@ def pad_left(sequences: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, sequences))
     out = torch.full((len(sequences), width), value, dtype=torch.long)  # (N, Q)
     for i, seq in enumerate(sequences):
-        out[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        out[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
     return out
 
 

@@ -115,7 +115,9 @@ class TokenWindowSampler(Sampler[tuple[int, float]]):
     the example.
     """
 
-    def __init__(self, base: Sampler[int], counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1):
+    def __init__(
+        self, base: Sampler[int], counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1
+    ):
         self.base, self.counts = base, list(counts)
         self.batch_size, self.accumulate, self.world_size = batch_size, max(1, accumulate), max(1, world_size)
 
@@ -222,8 +224,13 @@ class RLHFDataModule(L.LightningDataModule):
         r_cut = sum(f.get("response_truncated", False) for f in features)
         log.info(
             "%s %s: %d examples; %d prompts truncated (left) to %d tokens; %d responses truncated (right) to %d tokens",
-            type(self).__name__, name, len(features), p_cut, self.hparams.max_prompt_length,
-            r_cut, self.hparams.max_response_length,
+            type(self).__name__,
+            name,
+            len(features),
+            p_cut,
+            self.hparams.max_prompt_length,
+            r_cut,
+            self.hparams.max_response_length,
         )
         return features
 
@@ -245,8 +252,9 @@ class RLHFDataModule(L.LightningDataModule):
     def _loader(self, dataset: list, batch_size: int, shuffle: bool) -> DataLoader:
         hp = self.hparams
         if not shuffle:
-            return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
-                              num_workers=hp.num_workers)
+            return DataLoader(
+                dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collator(), num_workers=hp.num_workers
+            )
         generator = torch.Generator().manual_seed(hp.seed)
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
@@ -256,15 +264,25 @@ class RLHFDataModule(L.LightningDataModule):
         if self.token_weighted:
             # The same seeded order as the plain shuffled loader, tagged for exact accumulation.
             sampler = TokenWindowSampler(
-                sampler or RandomSampler(dataset, generator=generator), [scored_tokens(f) for f in dataset],
-                batch_size, accumulate=trainer.accumulate_grad_batches if trainer is not None else 1, world_size=world,
+                sampler or RandomSampler(dataset, generator=generator),
+                [scored_tokens(f) for f in dataset],
+                batch_size,
+                accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
+                world_size=world,
             )
             dataset = WindowedFeatures(dataset)
         if sampler is None:
-            return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=self.collator(), num_workers=hp.num_workers)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
-                          num_workers=hp.num_workers)
+            return DataLoader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=True,
+                generator=generator,
+                collate_fn=self.collator(),
+                num_workers=hp.num_workers,
+            )
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(), num_workers=hp.num_workers
+        )
 
     def _require_setup(self) -> list[dict[str, Any]]:
         if self.train_dataset is None:
@@ -360,8 +378,20 @@ class PromptDataModule(RLHFDataModule):
         eval_file: str | None = None,
     ):
         super().__init__(
-            tokenizer, train_file, val_file, val_fraction, max_prompt_length, max_response_length,
-            batch_size, val_batch_size, num_workers, strict, seed, trust_remote_code, train_split, val_split,
+            tokenizer,
+            train_file,
+            val_file,
+            val_fraction,
+            max_prompt_length,
+            max_response_length,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            strict,
+            seed,
+            trust_remote_code,
+            train_split,
+            val_split,
         )
         self.eval_dataset: list[dict[str, Any]] = []
 

@@ -25,30 +25,104 @@ import time
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- prompt grammar
-OPENERS = ("Review of", "My thoughts on", "Here is what I think of", "A few words about", "Notes on",
-           "Quick review of", "My honest opinion of", "Let me tell you about", "Some thoughts on",
-           "A short review of")
-SUBJECTS = ("the film", "this movie", "the new thriller", "the comedy", "the documentary", "the sequel",
-            "the drama", "the cartoon", "the western", "the musical", "the horror movie", "the war film")
-CONTEXTS = ("I watched last night", "from the festival", "everyone is talking about", "my friend picked",
-            "I saw on the plane", "at the old cinema", "on TV", "from last summer", "with the famous cast",
-            "by the young director", "that just came out", "I rented")
+OPENERS = (
+    "Review of",
+    "My thoughts on",
+    "Here is what I think of",
+    "A few words about",
+    "Notes on",
+    "Quick review of",
+    "My honest opinion of",
+    "Let me tell you about",
+    "Some thoughts on",
+    "A short review of",
+)
+SUBJECTS = (
+    "the film",
+    "this movie",
+    "the new thriller",
+    "the comedy",
+    "the documentary",
+    "the sequel",
+    "the drama",
+    "the cartoon",
+    "the western",
+    "the musical",
+    "the horror movie",
+    "the war film",
+)
+CONTEXTS = (
+    "I watched last night",
+    "from the festival",
+    "everyone is talking about",
+    "my friend picked",
+    "I saw on the plane",
+    "at the old cinema",
+    "on TV",
+    "from last summer",
+    "with the famous cast",
+    "by the young director",
+    "that just came out",
+    "I rented",
+)
 
 # ----------------------------------------------------------------------------- response grammar
-ASPECTS = ("acting", "story", "plot", "script", "music", "soundtrack", "ending", "dialogue", "cast",
-           "pacing", "humor", "photography", "editing", "lead actor", "villain", "lighting",
-           "main character", "set design", "direction", "opening scene")
+ASPECTS = (
+    "acting",
+    "story",
+    "plot",
+    "script",
+    "music",
+    "soundtrack",
+    "ending",
+    "dialogue",
+    "cast",
+    "pacing",
+    "humor",
+    "photography",
+    "editing",
+    "lead actor",
+    "villain",
+    "lighting",
+    "main character",
+    "set design",
+    "direction",
+    "opening scene",
+)
 NOUNS = ("film", "movie", "experience", "evening", "ride")
 OBJECTS = ("it", "every minute", "the whole thing", "this one", "each scene")
 AUDIENCES = ("anyone", "my friends", "families", "fans of the genre", "everyone", "kids")
 INTENSIFIERS = ("very", "really", "truly")
-NEUTRAL_ADJ = ("long", "short", "quiet", "simple", "modern", "dark", "colorful", "loud", "unusual",
-               "familiar")
+NEUTRAL_ADJ = ("long", "short", "quiet", "simple", "modern", "dark", "colorful", "loud", "unusual", "familiar")
 # Polarities of the lexicon; positive and negative lists mirror each other (same strengths).
-POS_ADJ = {"wonderful": 2, "brilliant": 2, "superb": 2, "excellent": 2, "fantastic": 2, "beautiful": 2,
-           "good": 1, "nice": 1, "fun": 1, "solid": 1, "charming": 1, "clever": 1}
-NEG_ADJ = {"terrible": -2, "awful": -2, "dreadful": -2, "horrible": -2, "painful": -2, "tedious": -2,
-           "bad": -1, "dull": -1, "weak": -1, "bland": -1, "clumsy": -1, "silly": -1}
+POS_ADJ = {
+    "wonderful": 2,
+    "brilliant": 2,
+    "superb": 2,
+    "excellent": 2,
+    "fantastic": 2,
+    "beautiful": 2,
+    "good": 1,
+    "nice": 1,
+    "fun": 1,
+    "solid": 1,
+    "charming": 1,
+    "clever": 1,
+}
+NEG_ADJ = {
+    "terrible": -2,
+    "awful": -2,
+    "dreadful": -2,
+    "horrible": -2,
+    "painful": -2,
+    "tedious": -2,
+    "bad": -1,
+    "dull": -1,
+    "weak": -1,
+    "bland": -1,
+    "clumsy": -1,
+    "silly": -1,
+}
 POS_VERB = {"loved": 2, "adored": 2, "enjoyed": 1, "liked": 1}
 NEG_VERB = {"hated": -2, "despised": -2, "disliked": -1, "regretted": -1}
 POS_THING = {"gem": 2, "delight": 2, "treat": 1, "joy": 1}
@@ -57,16 +131,31 @@ LEXICON = {**POS_ADJ, **NEG_ADJ, **POS_VERB, **NEG_VERB, **POS_THING, **NEG_THIN
 
 # Polar sentences; {adj}/{verb}/{thing} take the sentence's polarity, {opp} the opposite one
 # (negated, so "The plot was not awful." is mildly positive), {rec} is "" or "not ".
-POLAR_TEMPLATES = ("The {aspect} was {int}{adj}", "The {aspect} felt {int}{adj}",
-                   "I thought the {aspect} was {int}{adj}", "It was {a_adj} {noun}", "I {verb} {object}",
-                   "What {a_thing}", "The {aspect} was not {opp}", "I would {rec}recommend it to {audience}",
-                   "Overall, {a_adj} {noun}")
-NEUTRAL_TEMPLATES = ("I watched it {when} with {companion}", "It runs for about {duration}",
-                     "The {aspect} was {neutral}", "I saw it at the {venue}", "The film is set in {place}",
-                     "It is based on {source}", "The {aspect} reminded me of {memory}")
-MIXED_TEMPLATES = ("The {aspect} was {pos} but the {aspect2} was {neg}",
-                   "The {aspect} was {neg} but the {aspect2} was {pos}",
-                   "The {aspect} felt {pos}, yet the {aspect2} was {neg}")
+POLAR_TEMPLATES = (
+    "The {aspect} was {int}{adj}",
+    "The {aspect} felt {int}{adj}",
+    "I thought the {aspect} was {int}{adj}",
+    "It was {a_adj} {noun}",
+    "I {verb} {object}",
+    "What {a_thing}",
+    "The {aspect} was not {opp}",
+    "I would {rec}recommend it to {audience}",
+    "Overall, {a_adj} {noun}",
+)
+NEUTRAL_TEMPLATES = (
+    "I watched it {when} with {companion}",
+    "It runs for about {duration}",
+    "The {aspect} was {neutral}",
+    "I saw it at the {venue}",
+    "The film is set in {place}",
+    "It is based on {source}",
+    "The {aspect} reminded me of {memory}",
+)
+MIXED_TEMPLATES = (
+    "The {aspect} was {pos} but the {aspect2} was {neg}",
+    "The {aspect} was {neg} but the {aspect2} was {pos}",
+    "The {aspect} felt {pos}, yet the {aspect2} was {neg}",
+)
 NEUTRAL_FILL = {
     "when": ("last night", "on Sunday", "on Friday", "this weekend", "in the afternoon"),
     "companion": ("my sister", "my brother", "a friend", "my parents", "my kids", "my partner"),
@@ -77,28 +166,46 @@ NEUTRAL_FILL = {
     "memory": ("an old western", "my childhood", "a play", "a novel"),
 }
 # Sentence kinds per response tone; tones are balanced so the mean gold reward is near 0.
-TONES = {"positive": ({"pos": 3, "neutral": 1}, 0.3), "negative": ({"neg": 3, "neutral": 1}, 0.3),
-         "neutral": ({"neutral": 1}, 0.2), "mixed": ({"mixed": 4, "pos": 3, "neg": 3}, 0.2)}
+TONES = {
+    "positive": ({"pos": 3, "neutral": 1}, 0.3),
+    "negative": ({"neg": 3, "neutral": 1}, 0.3),
+    "neutral": ({"neutral": 1}, 0.2),
+    "mixed": ({"mixed": 4, "pos": 3, "neg": 3}, 0.2),
+}
 
 # ----------------------------------------------------------------------------- gold reward constants
-SENTIMENT_SCALE = 2.0   # sentiment = tanh(S / SENTIMENT_SCALE)
-NEGATION = -0.5         # "not good" = -0.5 * good: flips the sign, halves the strength
-INTENSITY = 1.5         # "very good" = 1.5 * good (does not compound)
+SENTIMENT_SCALE = 2.0  # sentiment = tanh(S / SENTIMENT_SCALE)
+NEGATION = -0.5  # "not good" = -0.5 * good: flips the sign, halves the strength
+INTENSITY = 1.5  # "very good" = 1.5 * good (does not compound)
 NEGATORS, BOOSTERS = {"not", "never"}, set(INTENSIFIERS)
 CLAUSE_BREAKS = {".", "!", ",", "but", "yet"}
 PUNCTUATION = {".", "!", ","}
 CUT_PENALTY, REPEAT_PENALTY, UNKNOWN_PENALTY, FORM_PENALTY = 1.0, 2.0, 3.0, 1.0
 MAX_WORDS, LENGTH_PENALTY = 40, 0.05
-TAU = 0.3               # Bradley–Terry temperature of the preference labels
-DEFECT_RATE = 0.1       # share of preference responses given a defect (cut off, loop, stutter)
+TAU = 0.3  # Bradley–Terry temperature of the preference labels
+DEFECT_RATE = 0.1  # share of preference responses given a defect (cut off, loop, stutter)
 _TOKEN = re.compile(r"[a-z]+|[^\sa-z]")
 
 
 def _vocabulary() -> frozenset[str]:
     """Every lower-cased word the prompt and response grammars can produce."""
-    texts = [*OPENERS, *SUBJECTS, *CONTEXTS, *ASPECTS, *NOUNS, *OBJECTS, *AUDIENCES, *INTENSIFIERS,
-             *NEUTRAL_ADJ, *LEXICON, *POLAR_TEMPLATES, *NEUTRAL_TEMPLATES, *MIXED_TEMPLATES,
-             *(v for vals in NEUTRAL_FILL.values() for v in vals), "a an not"]
+    texts = [
+        *OPENERS,
+        *SUBJECTS,
+        *CONTEXTS,
+        *ASPECTS,
+        *NOUNS,
+        *OBJECTS,
+        *AUDIENCES,
+        *INTENSIFIERS,
+        *NEUTRAL_ADJ,
+        *LEXICON,
+        *POLAR_TEMPLATES,
+        *NEUTRAL_TEMPLATES,
+        *MIXED_TEMPLATES,
+        *(v for vals in NEUTRAL_FILL.values() for v in vals),
+        "a an not",
+    ]
     words = {w for t in texts for w in _TOKEN.findall(re.sub(r"\{\w+\}", " ", t).lower())}
     return frozenset(w for w in words if w.isalpha())
 
@@ -142,9 +249,9 @@ def gold_reward(prompt: str, response: str) -> float:
             score += LEXICON[t] * boost * (NEGATION if negated else 1.0)
             negated, boost = False, 1.0
     cut = float(response.rstrip()[-1] not in ".!")
-    trigrams = list(zip(toks, toks[1:], toks[2:]))
+    trigrams = list(zip(toks, toks[1:], toks[2:], strict=False))
     dup = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    stutter = sum(a == b and a.isalpha() for a, b in zip(toks, toks[1:])) / max(len(words), 1)
+    stutter = sum(a == b and a.isalpha() for a, b in zip(toks, toks[1:], strict=False)) / max(len(words), 1)
     unk = sum(t not in VOCABULARY and t not in PUNCTUATION for t in toks) / len(toks)
     sentences, current = [], []
     for t in toks:
@@ -156,8 +263,14 @@ def gold_reward(prompt: str, response: str) -> float:
     bad_form = [sum(w.isalpha() for w in s) < 3 or sum(w in LEXICON for w in s) > 2 for s in sentences]
     form = sum(bad_form) / max(len(sentences), 1)
     extra = max(0, len(words) - MAX_WORDS)
-    gold = (math.tanh(score / SENTIMENT_SCALE) - CUT_PENALTY * cut - REPEAT_PENALTY * max(dup, stutter)
-            - UNKNOWN_PENALTY * unk - FORM_PENALTY * form - LENGTH_PENALTY * extra)
+    gold = (
+        math.tanh(score / SENTIMENT_SCALE)
+        - CUT_PENALTY * cut
+        - REPEAT_PENALTY * max(dup, stutter)
+        - UNKNOWN_PENALTY * unk
+        - FORM_PENALTY * form
+        - LENGTH_PENALTY * extra
+    )
     return max(-1.0, min(1.0, gold))
 
 
@@ -165,7 +278,7 @@ def gold_reward_batch(prompts: list[str], responses: list[str]) -> list[float]:
     """``gold_reward`` for each (prompt, response) pair."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+    return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
 # ----------------------------------------------------------------------------- generator
@@ -194,10 +307,19 @@ def _sentence(rng: random.Random, kind: str, used: set[str]) -> str:
     adj, opp = (POS_ADJ, NEG_ADJ) if good else (NEG_ADJ, POS_ADJ)
     template = pick(POLAR_TEMPLATES)
     boost = pick(INTENSIFIERS) + " " if rng.random() < 0.3 else ""
-    fill = {"aspect": pick(ASPECTS), "int": boost, "adj": pick(adj), "opp": pick(opp),
-            "a_adj": _article(pick(adj)), "noun": pick(NOUNS), "verb": pick(POS_VERB if good else NEG_VERB),
-            "object": pick(OBJECTS), "a_thing": _article(pick(POS_THING if good else NEG_THING)),
-            "rec": "" if good else "not ", "audience": pick(AUDIENCES)}
+    fill = {
+        "aspect": pick(ASPECTS),
+        "int": boost,
+        "adj": pick(adj),
+        "opp": pick(opp),
+        "a_adj": _article(pick(adj)),
+        "noun": pick(NOUNS),
+        "verb": pick(POS_VERB if good else NEG_VERB),
+        "object": pick(OBJECTS),
+        "a_thing": _article(pick(POS_THING if good else NEG_THING)),
+        "rec": "" if good else "not ",
+        "audience": pick(AUDIENCES),
+    }
     end = "!" if template.startswith("What") or rng.random() < 0.25 else "."
     return template.format(**fill) + end
 
@@ -208,8 +330,7 @@ def sample_response(rng: random.Random) -> str:
     kinds = TONES[tone][0]
     n = rng.choices((1, 2, 3), weights=(0.2, 0.45, 0.35))[0]
     used: set[str] = set()
-    return " " + " ".join(_sentence(rng, rng.choices(list(kinds), list(kinds.values()))[0], used)
-                          for _ in range(n))
+    return " " + " ".join(_sentence(rng, rng.choices(list(kinds), list(kinds.values()))[0], used) for _ in range(n))
 
 
 def _defect(rng: random.Random, response: str) -> str:
@@ -237,9 +358,16 @@ def preference_ceiling(pairs: list[dict], tau: float = TAU) -> float:
     return sum(max(p, 1 - p) for p in (_sigmoid(g / tau) for g in gaps)) / max(len(gaps), 1)
 
 
-def generate_demo_task(seed: int = 0, n_sft: int = 8000, n_pairs: int = 10000, n_val_pairs: int = 1000,
-                       n_prompts: int = 1000, n_heldout: int = 200, tau: float = TAU,
-                       defect_rate: float = DEFECT_RATE) -> dict[str, list[dict]]:
+def generate_demo_task(
+    seed: int = 0,
+    n_sft: int = 8000,
+    n_pairs: int = 10000,
+    n_val_pairs: int = 1000,
+    n_prompts: int = 1000,
+    n_heldout: int = 200,
+    tau: float = TAU,
+    defect_rate: float = DEFECT_RATE,
+) -> dict[str, list[dict]]:
     """Generate every record of the demo task with ``random.Random(seed)``.
 
     Held-out prompts use (opener, subject) combinations that never occur in training prompts.
@@ -271,13 +399,16 @@ def generate_demo_task(seed: int = 0, n_sft: int = 8000, n_pairs: int = 10000, n
     sft = [{"prompt": p, "response": sample_response(rng)} for p in rng.choices(train_pool, k=n_sft)]
     pref_train = [pair_record(p) for p in rng.choices(train_pool, k=n_pairs)]
     pref_val = [pair_record(p) for p in rng.choices(train_pool, k=n_val_pairs)]
-    return {"sft": sft, "preferences_train": pref_train, "preferences_val": pref_val,
-            "prompts_train": [{"prompt": p} for p in rng.sample(train_pool, n_prompts)],
-            "prompts_heldout": [{"prompt": p} for p in rng.sample(heldout_pool, n_heldout)]}
+    return {
+        "sft": sft,
+        "preferences_train": pref_train,
+        "preferences_val": pref_val,
+        "prompts_train": [{"prompt": p} for p in rng.sample(train_pool, n_prompts)],
+        "prompts_heldout": [{"prompt": p} for p in rng.sample(heldout_pool, n_heldout)],
+    }
 
 
-def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, tau: float = TAU,
-                    **sizes: int) -> dict:
+def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, tau: float = TAU, **sizes: int) -> dict:
     """Write the demo task's JSONL files, its tokenizer and ``summary.json`` under ``out_dir``.
 
     Args:
@@ -301,8 +432,12 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     texts = [r["prompt"] + r["response"] for r in task["sft"]]
-    texts += [r["prompt"] + r[k] for name in ("preferences_train", "preferences_val")
-              for r in task[name] for k in ("chosen", "rejected")]
+    texts += [
+        r["prompt"] + r[k]
+        for name in ("preferences_train", "preferences_val")
+        for r in task[name]
+        for k in ("chosen", "rejected")
+    ]
     texts += [r["prompt"] for name in ("prompts_train", "prompts_heldout") for r in task[name]]
     tok = train_tokenizer(texts, vocab_size=vocab_size, out_dir=out / "tokenizer")
     golds = gold_reward_batch([r["prompt"] for r in task["sft"]], [r["response"] for r in task["sft"]])
@@ -310,15 +445,19 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
     surface = sorted({w for r in task["sft"] for w in re.findall(r" [A-Za-z]+", r["response"])})
     whole = [w for w in surface if len(tok.encode(w, add_special_tokens=False)) == 1]
     summary = {
-        "seed": seed, "tau": tau, **{f"n_{k}": len(v) for k, v in task.items()},
+        "seed": seed,
+        "tau": tau,
+        **{f"n_{k}": len(v) for k, v in task.items()},
         "sft_gold_mean": round(mean, 4),
         "sft_gold_std": round(math.sqrt(sum((g - mean) ** 2 for g in golds) / len(golds)), 4),
         "sft_gold_frac_positive": round(sum(g > 0 for g in golds) / len(golds), 4),
         "sft_gold_frac_negative": round(sum(g < 0 for g in golds) / len(golds), 4),
         "preference_ceiling_train": round(preference_ceiling(task["preferences_train"], tau), 4),
         "preference_ceiling_val": round(preference_ceiling(task["preferences_val"], tau), 4),
-        "task_words": len(VOCABULARY), "tokenizer_vocab_size": len(tok),
-        "response_words": len(surface), "response_words_single_token": len(whole),
+        "task_words": len(VOCABULARY),
+        "tokenizer_vocab_size": len(tok),
+        "response_words": len(surface),
+        "response_words_single_token": len(whole),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -331,14 +470,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--tau", type=float, default=TAU, help="Bradley–Terry label temperature")
-    for name, default in (("n-sft", 8000), ("n-pairs", 10000), ("n-val-pairs", 1000), ("n-prompts", 1000),
-                          ("n-heldout", 200)):
+    for name, default in (
+        ("n-sft", 8000),
+        ("n-pairs", 10000),
+        ("n-val-pairs", 1000),
+        ("n-prompts", 1000),
+        ("n-heldout", 200),
+    ):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    summary = write_demo_data(args.out, seed=args.seed, vocab_size=args.vocab_size, tau=args.tau,
-                              n_sft=args.n_sft, n_pairs=args.n_pairs, n_val_pairs=args.n_val_pairs,
-                              n_prompts=args.n_prompts, n_heldout=args.n_heldout)
+    summary = write_demo_data(
+        args.out,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        tau=args.tau,
+        n_sft=args.n_sft,
+        n_pairs=args.n_pairs,
+        n_val_pairs=args.n_val_pairs,
+        n_prompts=args.n_prompts,
+        n_heldout=args.n_heldout,
+    )
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     return summary

@@ -261,7 +261,7 @@ def split_hh_transcript(chosen: str, rejected: str, location: Location) -> tuple
     if end < 0:
         raise RecordError(location, f"no shared prompt: chosen and rejected share no {HH_ASSISTANT!r} turn")
     prompt = chosen[: end + len(HH_ASSISTANT)]
-    chosen_resp, rejected_resp = chosen[len(prompt):].lstrip(" "), rejected[len(prompt):].lstrip(" ")
+    chosen_resp, rejected_resp = chosen[len(prompt) :].lstrip(" "), rejected[len(prompt) :].lstrip(" ")
     for name, text in (("chosen", chosen_resp), ("rejected", rejected_resp)):
         if not text.strip():
             raise RecordError(location, f"{name} response after the last shared {HH_ASSISTANT!r} is empty")

@@ -120,8 +120,10 @@ class GoldRewardEval(L.Callback):
         if self.prompts_file is None:
             loader = getattr(trainer.datamodule, "eval_dataloader", lambda: None)()
             if loader is None:
-                raise ValueError("GoldRewardEval has no prompts: set its prompts_file, or use a DataModule "
-                                 "with an eval_dataloader() (PromptDataModule with eval_file)")
+                raise ValueError(
+                    "GoldRewardEval has no prompts: set its prompts_file, or use a DataModule "
+                    "with an eval_dataloader() (PromptDataModule with eval_file)"
+                )
             return loader
         if self._prompt_batches is None:
             from rlhf_lightning.data.collate import PromptCollator, tokenize_prompt
@@ -131,8 +133,9 @@ class GoldRewardEval(L.Callback):
             examples = load_examples(self.prompts_file, "prompt", tokenizer=tok)
             features = [tokenize_prompt(ex, tok, self.max_prompt_length) for ex in examples]
             collate = PromptCollator(tok.pad_token_id)
-            self._prompt_batches = [collate(features[i:i + self.batch_size])
-                                    for i in range(0, len(features), self.batch_size)]
+            self._prompt_batches = [
+                collate(features[i : i + self.batch_size]) for i in range(0, len(features), self.batch_size)
+            ]
         return self._prompt_batches
 
     # ----------------------------------------------------------------------------- evaluation
@@ -148,8 +151,15 @@ class GoldRewardEval(L.Callback):
         for i, batch in enumerate(self.prompt_batches(trainer, pl_module)):
             if self.max_batches is not None and i >= self.max_batches:
                 break
-            records += sample_and_score(pl_module.policy, reference, reward_model, pl_module.tokenizer,
-                                        to_device(batch, pl_module.device), pl_module.sampling, temperature)
+            records += sample_and_score(
+                pl_module.policy,
+                reference,
+                reward_model,
+                pl_module.tokenizer,
+                to_device(batch, pl_module.device),
+                pl_module.sampling,
+                temperature,
+            )
         if self._gold is not None:
             for r in records:
                 r["gold"] = float(self._gold(r["prompt"], r["response"]))
@@ -157,8 +167,10 @@ class GoldRewardEval(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = self.evaluate(trainer, pl_module)
-        metrics = {k: trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="mean").item()
-                   for k, v in metrics.items()}
+        metrics = {
+            k: trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="mean").item()
+            for k, v in metrics.items()
+        }
         logged = dict(metrics)
         if hasattr(pl_module, "iteration"):
             stage = getattr(pl_module, "stage", None)

@@ -101,7 +101,7 @@ def evaluate_policies(
     examples = load_examples(prompts_file, "prompt", tokenizer=tokenizer)[:max_prompts]
     features = [tokenize_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
     collate = PromptCollator(tokenizer.pad_token_id)
-    batches = [collate(features[i:i + batch_size]) for i in range(0, len(features), batch_size)]
+    batches = [collate(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
 
     ref_model = load_frozen_lm(reference, tokenizer).to(device)
     rm = None
@@ -135,10 +135,19 @@ def evaluate_policies(
     result = {
         "policies": aggregate_metrics(records, baseline),
         "settings": {
-            "policies": dict(policies), "reference": reference, "reward_model": reward_model,
-            "gold_reward": gold_reward, "prompts_file": prompts_file, "n_prompts": len(examples),
-            "max_prompts": max_prompts, "max_prompt_length": max_prompt_length, "batch_size": batch_size,
-            "seed": seed, "baseline": baseline, "sampling": asdict(sampling), "device": str(device),
+            "policies": dict(policies),
+            "reference": reference,
+            "reward_model": reward_model,
+            "gold_reward": gold_reward,
+            "prompts_file": prompts_file,
+            "n_prompts": len(examples),
+            "max_prompts": max_prompts,
+            "max_prompt_length": max_prompt_length,
+            "batch_size": batch_size,
+            "seed": seed,
+            "baseline": baseline,
+            "sampling": asdict(sampling),
+            "device": str(device),
             "seconds": seconds,
         },
     }
@@ -175,8 +184,9 @@ def format_table(metrics: dict[str, dict[str, Any]], baseline: str = "sft") -> s
             row.append("-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
+    )
 
 
 def _policy_arg(text: str) -> tuple[str, str]:
@@ -190,15 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``rlhf-lightning evaluate`` arguments (sampling defaults from :class:`SamplingConfig`)."""
     d = SamplingConfig()
     p = argparse.ArgumentParser(prog="rlhf-lightning evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", type=_policy_arg, action="append", required=True, metavar="NAME=PATH",
-                   help="a policy export to evaluate (repeat the flag for several)")
+    p.add_argument(
+        "--policy",
+        type=_policy_arg,
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a policy export to evaluate (repeat the flag for several)",
+    )
     p.add_argument("--reference", required=True, help="KL reference policy (usually the SFT export)")
     p.add_argument("--reward_model", default=None, help="reward-model export for the proxy reward")
     p.add_argument("--prompts", required=True, help="held-out prompts file")
     p.add_argument("--out", default=None, help="directory for eval.json and eval_samples.jsonl")
-    p.add_argument("--gold_reward", default=None,
-                   help="module:function(prompt, response) -> float, e.g. rlhf_lightning.data.demo:gold_reward "
-                        "for the demo task (default: none)")
+    p.add_argument(
+        "--gold_reward",
+        default=None,
+        help="module:function(prompt, response) -> float, e.g. rlhf_lightning.data.demo:gold_reward "
+        "for the demo task (default: none)",
+    )
     p.add_argument("--baseline", default="sft", help="policy the win rates compare against")
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -221,11 +240,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("each --policy needs a distinct name")
     gold = None if str(args.gold_reward).lower() in ("none", "null", "") else args.gold_reward
     result = evaluate_policies(
-        policies, args.prompts, args.reference, reward_model=args.reward_model, gold_reward=gold,
-        sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p),
-        batch_size=args.batch_size, max_prompts=args.max_prompts, max_prompt_length=args.max_prompt_length,
-        seed=args.seed, baseline=args.baseline, out_dir=args.out, device=args.device,
+        policies,
+        args.prompts,
+        args.reference,
+        reward_model=args.reward_model,
+        gold_reward=gold,
+        sampling=SamplingConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        ),
+        batch_size=args.batch_size,
+        max_prompts=args.max_prompts,
+        max_prompt_length=args.max_prompt_length,
+        seed=args.seed,
+        baseline=args.baseline,
+        out_dir=args.out,
+        device=args.device,
     )
     print(format_table(result["policies"], args.baseline))
     if args.out:

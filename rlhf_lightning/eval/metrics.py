@@ -29,7 +29,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     total, unique = 0, set()
     for text in texts:
         toks = text.split()
-        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
@@ -41,7 +41,7 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
         raise ValueError(f"{len(scores)} scores but {len(baseline_scores)} baseline scores")
     if not scores:
         raise ValueError("win_rate of no prompts")
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores, strict=True)]
     return sum(wins) / len(wins)
 
 
@@ -90,8 +90,11 @@ def aggregate_metrics(records: list[dict[str, Any]], baseline: str = "sft") -> d
         m: dict[str, Any] = {"n_samples": len(rows)}
         if _measured(rows, "gold"):
             s = summarize([r["gold"] for r in rows])
-            m.update(gold_reward_mean=s["mean"], gold_reward_std=s["std"],
-                     gold_reward_quantiles={f"q{q}": s[f"q{q}"] for q in QUANTILES})
+            m.update(
+                gold_reward_mean=s["mean"],
+                gold_reward_std=s["std"],
+                gold_reward_quantiles={f"q{q}": s[f"q{q}"] for q in QUANTILES},
+            )
         if _measured(rows, "proxy"):
             s = summarize([r["proxy"] for r in rows])
             m.update(proxy_reward_mean=s["mean"], proxy_reward_std=s["std"])
@@ -155,8 +158,12 @@ class MetricColumn:
 
     def for_baseline(self, baseline: str) -> MetricColumn:
         """This column with ``{b}`` replaced by ``baseline``."""
-        return replace(self, key=self.key.format(b=baseline), short=self.short.format(b=baseline),
-                       label=self.label.format(b=baseline))
+        return replace(
+            self,
+            key=self.key.format(b=baseline),
+            short=self.short.format(b=baseline),
+            label=self.label.format(b=baseline),
+        )
 
 
 METRIC_COLUMNS: tuple[MetricColumn, ...] = (
@@ -173,8 +180,9 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
 )
 
 
-def metric_columns(policies: dict[str, dict[str, Any]], baseline: str = "sft",
-                   summary: bool = False) -> list[MetricColumn]:
+def metric_columns(
+    policies: dict[str, dict[str, Any]], baseline: str = "sft", summary: bool = False
+) -> list[MetricColumn]:
     """The columns of :data:`METRIC_COLUMNS` that some policy has, for ``baseline``.
 
     ``summary=True`` keeps only the few columns of the terminal summary.

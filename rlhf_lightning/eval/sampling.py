@@ -117,7 +117,9 @@ def sample_and_score(
     texts = decode_responses(tokenizer, gen)
     return [
         {"prompt": p, "response": r, "length": int(n), "ended": bool(e), "kl": k, "proxy": s}
-        for p, r, n, e, k, s in zip(batch["prompts"], texts, gen.lengths.tolist(), gen.ended.tolist(), kl, proxy)
+        for p, r, n, e, k, s in zip(
+            batch["prompts"], texts, gen.lengths.tolist(), gen.ended.tolist(), kl, proxy, strict=True
+        )
     ]
 
 
@@ -135,8 +137,10 @@ def check_same_vocab(tokenizer: Any, path: str, what: str) -> None:
         log.warning("could not load a tokenizer from %s %s (%s); assuming it matches", what, path, err)
         return
     if other.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the tokenizer of {what} {path} differs from the reference's; "
-                         "policies, reference and reward model must share one vocabulary")
+        raise ValueError(
+            f"the tokenizer of {what} {path} differs from the reference's; "
+            "policies, reference and reward model must share one vocabulary"
+        )
 
 
 def load_frozen_lm(path: str, tokenizer: Any) -> nn.Module:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 log = logging.getLogger(__name__)
 
+
 def load_tokenizer(
     name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"
 ) -> PreTrainedTokenizerBase:
@@ -38,7 +39,10 @@ def load_tokenizer(
         tok.add_special_tokens({"pad_token": "<pad>"})
         log.warning(
             "tokenizer %s: pad token was %r (missing or equal to EOS); added a dedicated %r (id %d)",
-            name_or_path, old, tok.pad_token, tok.pad_token_id,
+            name_or_path,
+            old,
+            tok.pad_token,
+            tok.pad_token_id,
         )
     tok.padding_side = padding_side
     return tok

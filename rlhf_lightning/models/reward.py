@@ -79,7 +79,9 @@ class RewardModel(nn.Module):
         scores = self.token_scores(input_ids, attention_mask)  # (B, T)
         return scores * self.gain + self.bias if self.normalize else scores
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool | None = None
+    ) -> torch.Tensor:
         scores = self.token_scores(input_ids, attention_mask)  # (B, T)
         raw = scores.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)  # (B,)
         if self.normalize if normalize is None else normalize:
@@ -126,8 +128,13 @@ def build_reward_model(
         missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
         unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
         if missing or unexpected or info["mismatched_keys"]:
-            log.warning("%s: backbone weights missing %s, unexpected %s, mismatched %s",
-                        name_or_path, missing, unexpected, info["mismatched_keys"])
+            log.warning(
+                "%s: backbone weights missing %s, unexpected %s, mismatched %s",
+                name_or_path,
+                missing,
+                unexpected,
+                info["mismatched_keys"],
+            )
     else:
         model = AutoModelForSequenceClassification.from_config(build_config(model_config, tokenizer, num_labels=1))
     resize_for_tokenizer(model, tokenizer)

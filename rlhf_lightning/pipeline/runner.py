@@ -152,7 +152,9 @@ class Pipeline:
             from rlhf_lightning.data.demo import write_demo_data
 
             summary = write_demo_data(self.run_dir / "data", seed=self.cfg["seed"], **(data.get("demo_sizes") or {}))
-            log.info("demo task: %s", {k: summary[k] for k in ("sft_gold_mean", "preference_ceiling_val") if k in summary})
+            log.info(
+                "demo task: %s", {k: summary[k] for k in ("sft_gold_mean", "preference_ceiling_val") if k in summary}
+            )
             return
         if not data.get("tokenizer"):  # user data, model from scratch: train a tokenizer on it
             from rlhf_lightning.data.records import load_examples
@@ -172,8 +174,11 @@ class Pipeline:
 
         inputs = self.resolve_inputs(STAGES["evaluate"])
         ev = self.cfg.get("evaluate") or {}
-        policies = {s.name: str(self.export(s.name)) for s in STAGES.values()
-                    if s.policy and (self.export(s.name) / "config.json").exists()}
+        policies = {
+            s.name: str(self.export(s.name))
+            for s in STAGES.values()
+            if s.policy and (self.export(s.name) / "config.json").exists()
+        }
         reward = self.export("reward")
         evaluate_policies(
             policies,
@@ -181,8 +186,12 @@ class Pipeline:
             reference=inputs["sft"],
             reward_model=str(reward) if (reward / "config.json").exists() else None,
             gold_reward=inputs["gold_reward"],
-            sampling=SamplingConfig(max_new_tokens=ev.get("max_new_tokens", 48), temperature=ev.get("temperature", 1.0),
-                                    top_k=ev.get("top_k", 0), top_p=ev.get("top_p", 1.0)),
+            sampling=SamplingConfig(
+                max_new_tokens=ev.get("max_new_tokens", 48),
+                temperature=ev.get("temperature", 1.0),
+                top_k=ev.get("top_k", 0),
+                top_p=ev.get("top_p", 1.0),
+            ),
             max_prompts=ev.get("max_prompts"),
             seed=self.cfg["seed"],
             out_dir=str(self.run_dir),
@@ -236,17 +245,32 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", type=bool, default=False, help="continue interrupted stages from last.ckpt")
     parser.add_argument("--only", type=list[str] | None, default=None, help=f"run only these stages, of {list(STAGES)}")
-    parser.add_argument("--gold_reward", type=str | None, default=None,
-                        help="module:function (prompt, response) -> float, or null when the task has none")
-    parser.add_argument("--data", type=dict[str, Any] | None, default=None,
-                        help=f"data inputs {list(DATA_INPUTS)} (files; else the demo task), demo (bool), "
-                             "demo_sizes, vocab_size")
-    parser.add_argument("--stages", type=dict[str, dict[str, Any] | None] | None, default=None,
-                        help="training stages to run, each with an optional config (default: the shipped one), "
-                             "overrides (dotted keys) and, for a variant under a new name, like: <stage>; "
-                             "default: every registered training stage")
-    parser.add_argument("--evaluate", type=dict[str, Any] | None, default=None,
-                        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts")
+    parser.add_argument(
+        "--gold_reward",
+        type=str | None,
+        default=None,
+        help="module:function (prompt, response) -> float, or null when the task has none",
+    )
+    parser.add_argument(
+        "--data",
+        type=dict[str, Any] | None,
+        default=None,
+        help=f"data inputs {list(DATA_INPUTS)} (files; else the demo task), demo (bool), demo_sizes, vocab_size",
+    )
+    parser.add_argument(
+        "--stages",
+        type=dict[str, dict[str, Any] | None] | None,
+        default=None,
+        help="training stages to run, each with an optional config (default: the shipped one), "
+        "overrides (dotted keys) and, for a variant under a new name, like: <stage>; "
+        "default: every registered training stage",
+    )
+    parser.add_argument(
+        "--evaluate",
+        type=dict[str, Any] | None,
+        default=None,
+        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts",
+    )
     return parser
 
 
@@ -262,11 +286,16 @@ def main(argv: list[str] | None = None) -> None:
             derive_stage(name, spec["like"], spec.get("config"))
     unknown = sorted(set(specs or {}) - {s.name for s in STAGES.values() if s.trains})
     if unknown:
-        parser.error(f"--stages names {unknown}, which are not training stages of {list(STAGES)} "
-                     "(a variant of one needs 'like: <stage>')")
+        parser.error(
+            f"--stages names {unknown}, which are not training stages of {list(STAGES)} "
+            "(a variant of one needs 'like: <stage>')"
+        )
     unknown = sorted(set(only or ()) - set(STAGES))
     if unknown:
         parser.error(f"--only names {unknown}, which are not stages of {list(STAGES)}")
-    names = [s.name for s in STAGES.values()
-             if (only is None or s.name in only) and (not s.trains or specs is None or s.name in specs)]
+    names = [
+        s.name
+        for s in STAGES.values()
+        if (only is None or s.name in only) and (not s.trains or specs is None or s.name in specs)
+    ]
     Pipeline(cfg).run(names, resume=resume)

@@ -133,8 +133,14 @@ register_stage(
 register_stage(
     Stage(
         "dpo",
-        consumes=("tokenizer", "sft", "preference_train_file", "preference_val_file", "heldout_prompts_file",
-                  "gold_reward"),
+        consumes=(
+            "tokenizer",
+            "sft",
+            "preference_train_file",
+            "preference_val_file",
+            "heldout_prompts_file",
+            "gold_reward",
+        ),
         config="dpo.yaml",
         policy=True,
     )
@@ -144,7 +150,11 @@ for _name in ("grpo", "rloo", "reinforce_pp"):
     register_stage(Stage(_name, consumes=STAGES["ppo"].consumes, config=f"{_name}.yaml", policy=True))
 # Evaluation reads every policy export there is, the SFT export as reference, the reward export if any.
 register_stage(
-    Stage("evaluate", consumes=("sft", "heldout_prompts_file", "gold_reward"), run=_run_evaluate,
-          done=lambda p: (p.run_dir / "eval.json").exists())
+    Stage(
+        "evaluate",
+        consumes=("sft", "heldout_prompts_file", "gold_reward"),
+        run=_run_evaluate,
+        done=lambda p: (p.run_dir / "eval.json").exists(),
+    )
 )
 register_stage(Stage("report", run=_run_report, done=lambda p: False))  # cheap: always rewritten

@@ -86,8 +86,10 @@ def panels_for(series: Series) -> list[tuple[str, tuple[str, ...]]]:
             prefixes.append(parts[0])
     panels = list(PANELS)
     for p in prefixes:
-        panels += [(title.replace("PPO", p.upper(), 1), tuple(f"{p}/{c.split('/', 1)[1]}" for c in cols))
-                   for title, cols in ONLINE_RL_PANELS]
+        panels += [
+            (title.replace("PPO", p.upper(), 1), tuple(f"{p}/{c.split('/', 1)[1]}" for c in cols))
+            for title, cols in ONLINE_RL_PANELS
+        ]
     return panels
 
 
@@ -107,9 +109,9 @@ def plot_training_curves(stage: str, series: Series, path: Path) -> Path | None:
         return None
     panels = panels[:MAX_PANELS]
     fig, axes = _figure(len(panels), cols=min(4, len(panels)))
-    for ax, (title, columns) in zip(axes, panels):
+    for ax, (title, columns) in zip(axes, panels, strict=False):
         for c in columns:
-            xs, ys = zip(*series[c])
+            xs, ys = zip(*series[c], strict=True)
             style = {"marker": "o", "markersize": 3} if len(xs) < 30 else {}
             ax.plot(xs, ys, label=c, **style)
         ax.set_title(title, fontsize=9)
@@ -141,7 +143,7 @@ def plot_overoptimization(stage: str, series: Series, path: Path) -> Path | None
     fig, (ax,) = _figure(1, size=(5.5, 4.0))
     for name, color in (("proxy", "tab:orange"), ("gold", "tab:blue")):
         if name in traj:
-            xs, ys = zip(*traj[name])
+            xs, ys = zip(*traj[name], strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, color=color, label=f"{name} reward")
             ax.annotate("start", (xs[0], ys[0]), fontsize=7, color=color)
             ax.annotate("end", (xs[-1], ys[-1]), fontsize=7, color=color)
@@ -167,15 +169,20 @@ def plot_frontier(policies: dict[str, dict], path: Path, trajectories: dict[str,
     fig, (ax,) = _figure(1, size=(5.5, 4.0))
     for stage, traj in (trajectories or {}).items():
         if key.split("_")[0] in traj:
-            xs, ys = zip(*traj[key.split("_")[0]])
+            xs, ys = zip(*traj[key.split("_")[0]], strict=True)
             ax.plot(xs, ys, color="grey", alpha=0.4, linewidth=1, label=f"{stage} during training")
     for i, (name, m) in enumerate(points):
         n = max(1, m.get("n_samples", 1))
         sem = m.get(f"{key}_std", 0.0) / math.sqrt(n)
         ax.errorbar(m["kl_to_ref"], m[f"{key}_mean"], yerr=sem, fmt="o", capsize=3, label=name)
         # Stagger the labels a little so policies at the same point stay readable.
-        ax.annotate(name, (m["kl_to_ref"], m[f"{key}_mean"]), textcoords="offset points",
-                    xytext=(6, 6 - 11 * (i % 3)), fontsize=8)
+        ax.annotate(
+            name,
+            (m["kl_to_ref"], m[f"{key}_mean"]),
+            textcoords="offset points",
+            xytext=(6, 6 - 11 * (i % 3)),
+            fontsize=8,
+        )
     ax.set_xlabel("KL(policy || reference) (nats)")
     ax.set_ylabel(f"{key.replace('_', ' ')} (mean ± s.e.)")
     ax.set_title("reward vs KL frontier")
@@ -186,13 +193,16 @@ def plot_frontier(policies: dict[str, dict], path: Path, trajectories: dict[str,
 
 def plot_rm_accuracy(series: Series, ceiling: float | None, path: Path) -> Path | None:
     """Reward-model accuracy over training, with the data's noise ceiling and chance."""
-    columns = [c for c in ("rm/accuracy", "rm/accuracy_step", "rm/accuracy_epoch", "val/rm/accuracy",
-                           "val/rm/accuracy_epoch") if c in series]
+    columns = [
+        c
+        for c in ("rm/accuracy", "rm/accuracy_step", "rm/accuracy_epoch", "val/rm/accuracy", "val/rm/accuracy_epoch")
+        if c in series
+    ]
     if not columns:
         return None
     fig, (ax,) = _figure(1, size=(5.5, 4.0))
     for c in columns:
-        xs, ys = zip(*series[c])
+        xs, ys = zip(*series[c], strict=True)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=c)
     if ceiling is not None:
         ax.axhline(ceiling, color="tab:green", linestyle="--", label=f"noise ceiling {ceiling:.3f}")

@@ -119,8 +119,9 @@ def discover_stages(run_dir: Path, evaluation: dict[str, Any] | None = None) -> 
     return found
 
 
-def resolve_stages(run_dir: Path, stages: dict[str, str] | None, evaluation: dict[str, Any] | None = None
-                   ) -> dict[str, Path]:
+def resolve_stages(
+    run_dir: Path, stages: dict[str, str] | None, evaluation: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """The stages given (paths relative to ``run_dir`` or absolute), else :func:`discover_stages`."""
     if stages is None:
         return discover_stages(run_dir, evaluation)

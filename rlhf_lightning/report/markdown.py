@@ -72,8 +72,10 @@ def _settings_line(settings: dict, baseline: str) -> str:
     if settings.get("sampling"):
         facts.append("sampling " + ", ".join(f"{k}={v}" for k, v in settings["sampling"].items()))
     lead = "; ".join(facts) + ". " if facts else ""
-    return (lead + "KL is the Monte-Carlo estimate of KL(policy ‖ reference) per sequence; win rates compare "
-            f"each prompt's sample with `{baseline}`'s (a tie counts ½).")
+    return (
+        lead + "KL is the Monte-Carlo estimate of KL(policy ‖ reference) per sequence; win rates compare "
+        f"each prompt's sample with `{baseline}`'s (a tie counts ½)."
+    )
 
 
 def _rel(path: Path, run_dir: Path) -> str:
@@ -81,14 +83,19 @@ def _rel(path: Path, run_dir: Path) -> str:
 
 
 def _overoptimization_section(stage: str, traj: dict[str, list], fig: Path, run_dir: Path) -> list[str]:
-    md = [f"## Over-optimisation: gold vs proxy reward along {stage}", "",
-          "Gao et al. (2022): as KL grows the proxy reward keeps rising while the gold reward peaks and falls.", ""]
+    md = [
+        f"## Over-optimisation: gold vs proxy reward along {stage}",
+        "",
+        "Gao et al. (2022): as KL grows the proxy reward keeps rising while the gold reward peaks and falls.",
+        "",
+    ]
     for name in ("gold", "proxy"):
         if name in traj:
             (k0, v0), (k1, v1) = traj[name][0], traj[name][-1]
             best = max(traj[name], key=lambda p: p[1])
-            md.append(f"- {name}: {v0:.3f} at KL {k0:.2f} → {v1:.3f} at KL {k1:.2f} "
-                      f"(best {best[1]:.3f} at KL {best[0]:.2f})")
+            md.append(
+                f"- {name}: {v0:.3f} at KL {k0:.2f} → {v1:.3f} at KL {k1:.2f} (best {best[1]:.3f} at KL {best[0]:.2f})"
+            )
     return md + ["", f"![gold and proxy reward vs KL]({_rel(fig, run_dir)})", ""]
 
 
@@ -103,8 +110,14 @@ def _rm_accuracy_section(stage: str, series: dict, ceiling: float | None, fig: P
     if ceiling is not None:
         facts.append(f"noise ceiling {ceiling:.3f} (the accuracy of the gold reward itself on the noisy labels)")
     facts.append("chance 0.5")
-    return [f"## Reward model accuracy ({stage})", "", "; ".join(facts) + ".", "",
-            f"![reward model accuracy]({_rel(fig, run_dir)})", ""]
+    return [
+        f"## Reward model accuracy ({stage})",
+        "",
+        "; ".join(facts) + ".",
+        "",
+        f"![reward model accuracy]({_rel(fig, run_dir)})",
+        "",
+    ]
 
 
 def _samples_section(samples: list[dict], n_samples: int) -> list[str]:
@@ -112,16 +125,24 @@ def _samples_section(samples: list[dict], n_samples: int) -> list[str]:
     for i in sorted({r.get("index", 0) for r in samples})[:n_samples]:
         rows = [r for r in samples if r.get("index", 0) == i]
         md += [f"**Prompt {i}:** {_cell(rows[0].get('prompt', ''))}", ""]
-        table_rows = [[r.get("policy", "?"), r.get("response", ""),
-                       *("–" if r.get(k) is None else f"{r[k]:.3f}" for k in ("gold", "proxy", "kl"))]
-                      for r in rows]
+        table_rows = [
+            [
+                r.get("policy", "?"),
+                r.get("response", ""),
+                *("–" if r.get(k) is None else f"{r[k]:.3f}" for k in ("gold", "proxy", "kl")),
+            ]
+            for r in rows
+        ]
         md += _table(["policy", "response", "gold", "proxy", "KL"], table_rows) + [""]
     return md
 
 
 def _wall_times_section(state: dict) -> list[str]:
-    times = [(name, info.get("seconds")) for name, info in (state.get("stages") or {}).items()
-             if isinstance(info, dict) and isinstance(info.get("seconds"), (int, float))]
+    times = [
+        (name, info.get("seconds"))
+        for name, info in (state.get("stages") or {}).items()
+        if isinstance(info, dict) and isinstance(info.get("seconds"), (int, float))
+    ]
     if not times:
         return []
     total = sum(t for _, t in times)
@@ -158,9 +179,14 @@ def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = Non
         md += metrics_table(policies, baseline) + [""]
         fig = plot_frontier(policies, figures / "frontier.png", trajectories)
         if fig:
-            md += ["### Reward vs KL frontier", "",
-                   "Each policy is a point; higher and further left is better (the DPO paper's frontier).", "",
-                   f"![reward vs KL frontier]({_rel(fig, run_dir)})", ""]
+            md += [
+                "### Reward vs KL frontier",
+                "",
+                "Each policy is a point; higher and further left is better (the DPO paper's frontier).",
+                "",
+                f"![reward vs KL frontier]({_rel(fig, run_dir)})",
+                "",
+            ]
 
     # Over-optimisation along training.
     for stage, s in series.items():

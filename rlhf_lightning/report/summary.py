@@ -34,14 +34,17 @@ def summary_lines(run_dir: str | os.PathLike) -> list[str]:
         width = max(6, *(len(n) for n in policies))
         lines.append(f"{'policy':<{width}}" + "".join(f"{c.short:>9}" for c in cols))
         for name, m in policies.items():
-            cells = "".join(f"{m[c.key]:>9.3f}" if isinstance(m.get(c.key), (int, float)) else f"{'-':>9}"
-                            for c in cols)
+            cells = "".join(
+                f"{m[c.key]:>9.3f}" if isinstance(m.get(c.key), (int, float)) else f"{'-':>9}" for c in cols
+            )
             lines.append(f"{name:<{width}}{cells}")
     ceiling = (read_json(run_dir / "data" / "summary.json") or {}).get("preference_ceiling_val")
     for stage, series in read_stage_series(discover_stages(run_dir, evaluation)).items():
         val = last_value(series, "val/rm/accuracy", "val/rm/accuracy_epoch")
         if val is not None:
             who = "reward model" if stage == "reward" else f"reward model ({stage})"
-            lines.append(f"{who}: validation accuracy {val:.3f}"
-                         + (f" (label-noise ceiling {ceiling:.3f})" if ceiling is not None else ""))
+            lines.append(
+                f"{who}: validation accuracy {val:.3f}"
+                + (f" (label-noise ceiling {ceiling:.3f})" if ceiling is not None else "")
+            )
     return lines

@@ -26,8 +26,13 @@ class SeparateCritic(RewardModel):
     def from_reward_model(cls, rm: RewardModel) -> SeparateCritic:
         return cls(rm.model, normalize=rm.normalize)
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-               hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def values(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(B, A)`` values at the positions that predict each response token."""
         return self.token_values(input_ids, attention_mask)[:, response_start - 1 : -1].float()  # (B, A)
 
@@ -37,8 +42,13 @@ class ValueHeadCritic(ValueHead):
 
     needs_hidden = True
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-               hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def values(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(B, A)`` values from ``hidden``, the policy's ``(B, A, H)`` last hidden states."""
         if hidden is None:
             raise ValueError("ValueHeadCritic needs the policy's hidden states")

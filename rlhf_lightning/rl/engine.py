@@ -46,15 +46,23 @@ class RolloutEngine:
         s = self.system
         critic = s.critic
         ids, mask = r.sequences()  # (B, Q+A)
-        out = response_logprobs(s.policy, ids, mask, r.query_width, s.logprob_temperature,
-                                with_entropy=with_entropy, with_hidden=critic is not None and critic.needs_hidden)
+        out = response_logprobs(
+            s.policy,
+            ids,
+            mask,
+            r.query_width,
+            s.logprob_temperature,
+            with_entropy=with_entropy,
+            with_hidden=critic is not None and critic.needs_hidden,
+        )
         values = None if critic is None else critic.values(ids, mask, r.query_width, out.hidden)  # (B, A)
         return out, values
 
     def ref_logprobs(self, r: Rollout) -> torch.Tensor:
         ids, mask = r.sequences()  # (B, Q+A)
-        return response_logprobs(self.system.ref_policy, ids, mask, r.query_width,
-                                 self.system.logprob_temperature).logprobs  # (B, A)
+        return response_logprobs(
+            self.system.ref_policy, ids, mask, r.query_width, self.system.logprob_temperature
+        ).logprobs  # (B, A)
 
     @torch.no_grad()
     def fill_old_outputs(self, r: Rollout) -> torch.Tensor:
@@ -87,8 +95,14 @@ class RolloutEngine:
             prompts = [p for p in prompts for _ in range(n)]
         gen = sample_responses(s.policy, q_ids, q_mask, tok.eos_token_id, tok.pad_token_id, s.sampling)
         t1 = time.perf_counter()
-        r = Rollout(query_ids=q_ids, query_mask=q_mask, response_ids=gen.response_ids, response_mask=gen.response_mask,
-                    group_ids=groups, prompts=prompts)
+        r = Rollout(
+            query_ids=q_ids,
+            query_mask=q_mask,
+            response_ids=gen.response_ids,
+            response_mask=gen.response_mask,
+            group_ids=groups,
+            prompts=prompts,
+        )
         texts = decode_responses(tok, gen) if self.rewards.functions else None
         scores, score_stats = self.rewards(prompts, texts, *r.sequences())  # (B,) read at the last real token
         entropy = self.fill_old_outputs(r) if old_outputs else None

@@ -54,7 +54,7 @@ class RewardFunction:
         if self.spec.batched:
             out = self.fn(list(prompts), list(responses))
         else:
-            out = [self.fn(p, r) for p, r in zip(prompts, responses)]
+            out = [self.fn(p, r) for p, r in zip(prompts, responses, strict=True)]
         return validate_scores(out, len(responses), f"reward function {self.spec.function!r}")
 
 

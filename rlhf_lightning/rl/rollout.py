@@ -9,8 +9,8 @@ minibatches for several PPO epochs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -21,7 +21,14 @@ __all__ = ["Rollout", "RolloutBuffer"]
 # How each field is padded when rollouts of different widths are concatenated.
 _QUERY_FIELDS = ("query_ids", "query_mask")  # left-padded
 _RESPONSE_FIELDS = (
-    "response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns",
+    "response_ids",
+    "response_mask",
+    "logprobs",
+    "ref_logprobs",
+    "values",
+    "rewards",
+    "advantages",
+    "returns",
 )  # right-padded
 _ID_FIELDS = ("query_ids", "response_ids")  # padded with the pad token id; the others with 0
 
@@ -66,11 +73,11 @@ class Rollout:
         mask = torch.cat([self.query_mask, self.response_mask], dim=1)  # (B, Q+A)
         return ids, mask
 
-    def to(self, device: torch.device | str) -> "Rollout":
+    def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to ``device``."""
         return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._tensors().items()})
 
-    def select(self, indices: torch.Tensor | Sequence[int]) -> "Rollout":
+    def select(self, indices: torch.Tensor | Sequence[int]) -> Rollout:
         """A Rollout with the rows ``indices`` (in that order) of every field."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.query_ids.device)
 
@@ -86,7 +93,7 @@ class Rollout:
         return Generation(self.response_ids, self.response_mask, self.response_mask.bool().any(-1))
 
     @classmethod
-    def cat(cls, rollouts: Sequence["Rollout"], pad_token_id: int = 0) -> "Rollout":
+    def cat(cls, rollouts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
         """Concatenate rollouts along the batch dimension.
 
         Queries are left-padded and responses right-padded to the widest; id fields are

@@ -158,7 +158,9 @@ class PolicySystem(RLHFSystem):
 
     def load_policy(self) -> torch.nn.Module:
         """The policy from ``model`` (an export, a hub name) or ``model_config``, prepared for training."""
-        lm = load_causal_lm(self.model_name, self.tokenizer, self.model_config, trust_remote_code=self.trust_remote_code)
+        lm = load_causal_lm(
+            self.model_name, self.tokenizer, self.model_config, trust_remote_code=self.trust_remote_code
+        )
         return self.prepare_trainable(lm)
 
     def load_frozen_lm(self, name_or_path: str) -> torch.nn.Module:
@@ -182,5 +184,5 @@ class PolicySystem(RLHFSystem):
         ended = gen.ended.tolist()
         return [
             {"prompt": p, "response": r, "ended_with_eos": bool(e)}
-            for p, r, e in zip(batch["prompts"], texts, ended)
+            for p, r, e in zip(batch["prompts"], texts, ended, strict=True)
         ]

@@ -33,6 +33,7 @@ from rlhf_lightning.systems.base import PolicySystem
 
 log = logging.getLogger(__name__)
 
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
     """``(N,)`` log-probs of each row's response tokens (``labels != -100``), summed or averaged.
 
@@ -43,7 +44,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], avera
     scored = batch["labels"] != IGNORE_INDEX  # (N, T)
     start = int(scored.any(0).int().argmax())  # first column with a scored token
     logps = response_logprobs(model, batch["input_ids"], batch["attention_mask"], response_start=max(start, 1))
-    return sequence_logprobs(logps.logprobs, scored[:, max(start, 1):], average=average)  # (N,)
+    return sequence_logprobs(logps.logprobs, scored[:, max(start, 1) :], average=average)  # (N,)
 
 
 class DPOModule(PolicySystem):
@@ -194,9 +195,12 @@ class DPOModule(PolicySystem):
         logps = sequence_logps(self.policy, batch, self.length_normalized)  # (2B,) chosen and rejected in one pass
         ref = self.reference_logps(batch, split)  # (2B,) or None
         loss, metrics = self.loss_fn(
-            logps[:n], logps[n:],
-            None if ref is None else ref[:n], None if ref is None else ref[n:],
-            beta=self.hparams.beta, **self.loss_kwargs,
+            logps[:n],
+            logps[n:],
+            None if ref is None else ref[:n],
+            None if ref is None else ref[n:],
+            beta=self.hparams.beta,
+            **self.loss_kwargs,
         )
         metrics["chosen_logp"] = logps[:n].detach().mean()
         metrics["rejected_logp"] = logps[n:].detach().mean()
@@ -211,5 +215,6 @@ class DPOModule(PolicySystem):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, metrics = self._loss(batch, "val")
-        self.log_dict({f"val/dpo/{k}": v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0] // 2,
-                      sync_dist=True)
+        self.log_dict(
+            {f"val/dpo/{k}": v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0] // 2, sync_dist=True
+        )

@@ -148,8 +148,11 @@ class OnlineRLModule(PolicySystem):
         if reward_model is None and not reward_functions:
             raise ValueError("no reward source: set reward_model, reward_functions, or both")
         self.ref_policy = self.reward_model = self.critic = None
-        self.kl_ctl = (adv.AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if kl_target is not None
-                       else adv.FixedKLController(init_kl_coef))
+        self.kl_ctl = (
+            adv.AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else adv.FixedKLController(init_kl_coef)
+        )
         adv.kl_per_token(torch.zeros(1), torch.zeros(1), kl_estimator)  # fail early on a bad estimator name
         warn_if_truncated(self.sampling, stage.upper())
         self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
@@ -175,7 +178,9 @@ class OnlineRLModule(PolicySystem):
         self.engine = RolloutEngine(self, rewards)
 
     def _load_scorer(self, path: str) -> torch.nn.Module:
-        return load_reward_model(path, normalize=self.hparams.normalize_reward, trust_remote_code=self.trust_remote_code)
+        return load_reward_model(
+            path, normalize=self.hparams.normalize_reward, trust_remote_code=self.trust_remote_code
+        )
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
@@ -201,7 +206,9 @@ class OnlineRLModule(PolicySystem):
             return hp.minibatch_size is None and hp.micro_batch_size is None
         return self.learner.one_pass(n_samples)
 
-    def collect_rollout(self, batch: dict[str, Any], old_outputs: bool = True) -> tuple[Rollout, dict[str, torch.Tensor]]:
+    def collect_rollout(
+        self, batch: dict[str, Any], old_outputs: bool = True
+    ) -> tuple[Rollout, dict[str, torch.Tensor]]:
         """Sample and score one batch of prompts (see :class:`~rlhf_lightning.rl.engine.RolloutEngine`)."""
         return self.engine.collect(batch, old_outputs=old_outputs)
 
@@ -216,16 +223,25 @@ class OnlineRLModule(PolicySystem):
         m = r.response_mask
         distributed = self._trainer is not None and self.trainer.world_size > 1
         settings = EstimatorSettings(
-            kl_coef=self.kl_ctl.value, kl_estimator=hp.kl_estimator, kl_in_reward=not hp.kl_in_loss,
-            gamma=hp.gamma, lam=hp.lam, whiten_rewards=hp.whiten_rewards, distributed=distributed,
+            kl_coef=self.kl_ctl.value,
+            kl_estimator=hp.kl_estimator,
+            kl_in_reward=not hp.kl_in_loss,
+            gamma=hp.gamma,
+            lam=hp.lam,
+            whiten_rewards=hp.whiten_rewards,
+            distributed=distributed,
         )
         r.advantages, r.returns = self.estimator(r, settings)
         if hp.whiten_advantages:
             r.advantages = lp.masked_whiten(r.advantages, m, all_reduce=distributed)
         kl_k1 = (adv.kl_per_token(r.logprobs, r.ref_logprobs, "k1") * m).sum(-1)  # (B,) sequence KL
         kl_k3 = (adv.kl_per_token(r.logprobs, r.ref_logprobs, "k3") * m).sum(-1)  # (B,)
-        stats = {"kl": kl_k1.mean(), "kl_k3": kl_k3.mean(), "kl_coef": torch.tensor(float(self.kl_ctl.value)),
-                 "advantages_mean": lp.masked_mean(r.advantages, m)}
+        stats = {
+            "kl": kl_k1.mean(),
+            "kl_k3": kl_k3.mean(),
+            "kl_coef": torch.tensor(float(self.kl_ctl.value)),
+            "advantages_mean": lp.masked_mean(r.advantages, m),
+        }
         if r.returns is not None:
             stats["returns_mean"] = lp.masked_mean(r.returns, m)
         if r.values is not None:
@@ -246,13 +262,16 @@ class OnlineRLModule(PolicySystem):
         kwargs = {}
         if hp.clip_range_high is not None or hp.loss_aggregation != "token_mean":
             kwargs = {"clip_range_high": hp.clip_range_high, "aggregate": self.aggregate()}
-        loss, terms = losses.ppo_policy_loss(logprobs, r.logprobs, r.advantages, r.response_mask, hp.clip_range, **kwargs)
+        loss, terms = losses.ppo_policy_loss(
+            logprobs, r.logprobs, r.advantages, r.response_mask, hp.clip_range, **kwargs
+        )
         if values is not None:
             vf_loss, vf = losses.ppo_value_loss(values, r.values, r.returns, r.response_mask, hp.clip_range_value)
             loss, terms = loss + hp.vf_coef * vf_loss, {**terms, **vf}
         if hp.kl_in_loss and self.kl_ctl.value:
-            kl, kl_terms = losses.kl_loss(logprobs, r.ref_logprobs, r.response_mask, hp.kl_estimator,
-                                          aggregate=self.aggregate())
+            kl, kl_terms = losses.kl_loss(
+                logprobs, r.ref_logprobs, r.response_mask, hp.kl_estimator, aggregate=self.aggregate()
+            )
             loss, terms = loss + self.kl_ctl.value * kl, {**terms, **kl_terms}
         return loss, terms
 
@@ -282,17 +301,26 @@ class OnlineRLModule(PolicySystem):
             self.kl_ctl.update(float(mean_kl), r.batch_size * self.trainer.world_size)
         self.iteration += 1
         stats["iteration"] = torch.tensor(float(self.iteration))
-        self.log_dict({f"{self.stage}/{k}": torch.as_tensor(v).float().to(self.device) for k, v in stats.items()},
-                      on_step=True, prog_bar=False, sync_dist=self.trainer.world_size > 1, batch_size=max(r.batch_size, 1))
-        self.log(f"{self.stage}/reward", stats["reward_score"].to(self.device), prog_bar=True,
-                 batch_size=max(r.batch_size, 1))
+        self.log_dict(
+            {f"{self.stage}/{k}": torch.as_tensor(v).float().to(self.device) for k, v in stats.items()},
+            on_step=True,
+            prog_bar=False,
+            sync_dist=self.trainer.world_size > 1,
+            batch_size=max(r.batch_size, 1),
+        )
+        self.log(
+            f"{self.stage}/reward",
+            stats["reward_score"].to(self.device),
+            prog_bar=True,
+            batch_size=max(r.batch_size, 1),
+        )
         every = hp.sample_log_every_n_steps
         if every and (self.iteration - 1) % every == 0 and r.batch_size:
             self._log_samples(r)
 
     def _log_samples(self, r: Rollout, n: int = 4) -> None:
         texts = decode_responses(self.tokenizer, r.select(range(min(n, r.batch_size))).generation())
-        rows = [[self.iteration, p, t, float(s)] for p, t, s in zip(r.prompts[:n], texts, r.scores[:n])]
+        rows = [[self.iteration, p, t, float(s)] for p, t, s in zip(r.prompts[:n], texts, r.scores[:n], strict=True)]
         log_samples(self.trainer, f"{self.stage}/samples", ["iteration", "prompt", "response", "score"], rows)
 
     # ----------------------------------------------------------------------------- checkpoints

@@ -10,7 +10,6 @@ the export's ``config.json`` and applied by ``models.load_reward_model``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -147,8 +146,10 @@ def score_batches(
     was_training = reward_model.training
     reward_model.eval()
     try:
-        out = [reward_model(b["input_ids"].to(device), b["attention_mask"].to(device), normalize=normalize).float()
-               for b in batches]
+        out = [
+            reward_model(b["input_ids"].to(device), b["attention_mask"].to(device), normalize=normalize).float()
+            for b in batches
+        ]
     finally:
         reward_model.train(was_training)
     return torch.cat(out)  # (N,)
@@ -207,10 +208,12 @@ class RewardNormalization(L.Callback):
         if not examples:
             raise ValueError(f"{self.samples_file}: no SFT records to normalise the reward model on")
         max_prompt, max_response = self._lengths(trainer)
-        features = sorted((tokenize_sft(ex, tokenizer, max_prompt, max_response) for ex in examples),
-                          key=lambda f: len(f["input_ids"]))
+        features = sorted(
+            (tokenize_sft(ex, tokenizer, max_prompt, max_response) for ex in examples),
+            key=lambda f: len(f["input_ids"]),
+        )
         collate = SFTCollator(tokenizer.pad_token_id)
-        return [collate(features[i: i + self.batch_size]) for i in range(0, len(features), self.batch_size)]
+        return [collate(features[i : i + self.batch_size]) for i in range(0, len(features), self.batch_size)]
 
     def normalize(self, module: RewardModule, trainer: L.Trainer | None = None) -> tuple[float, float]:
         """Score the samples, set gain and bias on ``module.reward_model``; returns the raw ``(mean, std)``."""
@@ -227,20 +230,29 @@ class RewardNormalization(L.Callback):
         # A weight-averaging callback (EMA, SWA) copies its weights into the model in its own
         # on_train_end: it must come first, or the gain and bias would describe other weights.
         callbacks = list(trainer.callbacks)
-        late = [cb for cb in callbacks[callbacks.index(self) + 1:] if isinstance(cb, WeightAveraging)]
+        late = [cb for cb in callbacks[callbacks.index(self) + 1 :] if isinstance(cb, WeightAveraging)]
         if late:
-            raise ValueError(f"put {type(late[0]).__name__} before RewardNormalization in trainer.callbacks: "
-                             "the averaged weights must be in place before the scores are normalised")
+            raise ValueError(
+                f"put {type(late[0]).__name__} before RewardNormalization in trainer.callbacks: "
+                "the averaged weights must be in place before the scores are normalised"
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, RewardModule):
             raise TypeError(f"RewardNormalization needs a RewardModule, got {type(pl_module).__name__}")
         mean, std = self.normalize(pl_module, trainer)
         rm = pl_module.reward_model
-        metrics = {"rm/norm_raw_mean": mean, "rm/norm_raw_std": std,
-                   "rm/norm_gain": rm.gain, "rm/norm_bias": rm.bias}
+        metrics = {"rm/norm_raw_mean": mean, "rm/norm_raw_std": std, "rm/norm_gain": rm.gain, "rm/norm_bias": rm.bias}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            log.info("reward normalisation on %s: raw mean %.4f, std %.4f -> %s=%.4f, %s=%.4f",
-                     self.samples_file, mean, std, REWARD_GAIN_KEY, rm.gain, REWARD_BIAS_KEY, rm.bias)
+            log.info(
+                "reward normalisation on %s: raw mean %.4f, std %.4f -> %s=%.4f, %s=%.4f",
+                self.samples_file,
+                mean,
+                std,
+                REWARD_GAIN_KEY,
+                rm.gain,
+                REWARD_BIAS_KEY,
+                rm.bias,
+            )

@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.systems.base import PolicySystem
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.losses import sft_loss
 from rlhf_lightning.models import causal_lm_logits
+from rlhf_lightning.systems.base import PolicySystem
 
 
 class SFTModule(PolicySystem):
