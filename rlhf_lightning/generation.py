@@ -112,7 +112,7 @@ def sample_responses(
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         model.train(was_training)
-    response = out[:, input_ids.shape[1]:]  # (B, A)
+    response = out[:, input_ids.shape[1] :]  # (B, A)
     return mask_after_eos(response, eos_token_id, pad_token_id)
 
 

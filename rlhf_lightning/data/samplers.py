@@ -1,0 +1,119 @@
+"""Samplers for training data: length-grouped batches and exact token accounting per optimizer step.
+
+``LengthGroupedSampler`` draws batches of similar lengths (less padding), reshuffled every
+epoch. ``TokenWindowSampler`` tags each example with the number of scored tokens of its
+optimizer step, so the SFT loss can divide by it and gradient accumulation is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from rlhf_lightning.data.collate import IGNORE_INDEX
+
+
+def scored_tokens(features: dict[str, Any]) -> int:
+    """Label tokens an SFT example contributes to the loss (labels are shifted by one)."""
+    return sum(1 for label in features["labels"][1:] if label != IGNORE_INDEX)
+
+
+def example_length(features: dict[str, Any]) -> int:
+    """Tokens of the longest sequence in a feature dict (both sides of a preference pair)."""
+    return max(len(v) for k, v in features.items() if k.endswith("input_ids"))
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of ``chunk`` consecutive indices has similar lengths.
+
+    Each epoch: a random permutation cut into mega-batches that are sorted by length
+    (``transformers.trainer_pt_utils.get_length_grouped_indices``), then cut into chunks of
+    ``chunk`` indices whose order is shuffled too, so batch lengths do not cycle from long to
+    short; the chunk holding the longest example stays first (out-of-memory shows at once).
+    Under DDP, ``chunk`` should be ``batch_size x world_size``: Lightning deals the indices
+    to ranks in turn, so each rank's batch then comes from one chunk.
+
+    Args:
+        lengths: length of every example.
+        chunk: indices per group (a global batch).
+        generator: drives both shuffles; seed it identically on every rank.
+    """
+
+    def __init__(self, lengths: list[int], chunk: int, generator: torch.Generator | None = None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.lengths = list(lengths)
+        self.chunk = chunk
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        if not self.lengths:
+            return iter([])
+        order = get_length_grouped_indices(self.lengths, self.chunk, generator=self.generator)
+        chunks = [order[i : i + self.chunk] for i in range(0, len(order), self.chunk)]
+        first = max(range(len(chunks)), key=lambda c: max(self.lengths[i] for i in chunks[c]))
+        rest = [c for c in range(len(chunks)) if c != first]
+        rest = [rest[j] for j in torch.randperm(len(rest), generator=self.generator).tolist()]
+        return iter([i for c in [first, *rest] for i in chunks[c]])
+
+
+class TokenWindowSampler(Sampler[tuple[int, float]]):
+    """Tags every index with the loss denominator that makes gradient accumulation exact.
+
+    An optimizer step sees ``window = batch_size x world_size x accumulate`` consecutive
+    indices of the wrapped sampler's order (Lightning deals them to ranks in turn, each rank
+    accumulates ``accumulate`` micro-batches, DDP averages the ranks). If each micro-batch's
+    *summed* token loss is divided by ``N_window / (world_size x accumulate)``, where
+    ``N_window`` is the scored tokens of the whole window, the step's gradient is exactly
+    that of the token mean over the window, however unevenly tokens fall into micro-batches
+    (a per-micro-batch mean would weight a short micro-batch's tokens more). A last, shorter
+    window at the end of the epoch gets its own ``N``. Under DDP the order is padded to a
+    multiple of ``world_size`` here (repeating its start), so the distributed wrapper adds
+    nothing that the counts do not know of.
+
+    Yields ``(index, denominator)``; :class:`WindowedFeatures` attaches the denominator to
+    the example.
+    """
+
+    def __init__(
+        self, base: Sampler[int], counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1
+    ):
+        self.base, self.counts = base, list(counts)
+        self.batch_size, self.accumulate, self.world_size = batch_size, max(1, accumulate), max(1, world_size)
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        return n + (-n) % self.world_size
+
+    def __iter__(self):
+        order = list(self.base)
+        order += order[: (-len(order)) % self.world_size]
+        window = self.batch_size * self.world_size * self.accumulate
+        share = self.world_size * self.accumulate
+        out = []
+        for start in range(0, len(order), window):
+            part = order[start : start + window]
+            denominator = max(sum(self.counts[i] for i in part), 1) / share
+            out += [(i, denominator) for i in part]
+        return iter(out)
+
+
+class WindowedFeatures(Dataset):
+    """Features looked up by ``(index, denominator)`` keys, with ``loss_denominator`` added."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict[str, Any]:
+        index, denominator = key
+        return {**self.features[index], "loss_denominator": denominator}
