@@ -2,20 +2,39 @@
 
 PPO rollouts, ``rlhf-lightning predict`` and evaluation all sample through
 ``sample_responses`` so they share one set of settings and one masking rule.
+
+Two engines sample the same distribution (temperature, then top-k, then top-p, as
+``transformers``' ``generate`` defines them):
+
+* :func:`decode_loop`, our own loop over the model's KV cache (the default): no
+  logits-processor lists, the LM head on the last position only, one uniform per row
+  drawn through the inverse CDF, and rows that have ended dropped from the batch;
+* :func:`hf_generate`, ``model.generate``, for what the loop does not handle
+  (:func:`fast_loop_unsupported` decides, in one place).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from rlhf_lightning.models.forward import position_ids_from_mask
+
+ENGINES = ("auto", "hf")
+
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings. ``temperature`` is also the one log-probs are recomputed at in PPO."""
+    """Sampling settings. ``temperature`` is also the one log-probs are recomputed at in PPO.
+
+    ``engine``: ``"auto"`` samples with :func:`decode_loop` wherever it applies (see
+    :func:`fast_loop_unsupported`) and with ``model.generate`` elsewhere; ``"hf"`` always
+    uses ``model.generate``. Both sample the same distribution.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -23,6 +42,7 @@ class SamplingConfig:
     top_p: float = 1.0
     do_sample: bool = True
     min_new_tokens: int = 0
+    engine: str = "auto"
 
 
 def warn_if_truncated(cfg: SamplingConfig, method: str) -> None:
@@ -76,10 +96,12 @@ def sample_responses(
     pad_token_id: int,
     config: SamplingConfig | None = None,
 ) -> Generation:
-    """Sample continuations for a batch of LEFT-padded prompts with ``model.generate``.
+    """Sample continuations for a batch of LEFT-padded prompts.
 
     Uses the KV cache and stops once every row has produced EOS (or the budget is spent).
-    Position ids come from the attention mask, so padding does not shift positions.
+    Position ids come from the attention mask, so padding does not shift positions. The
+    engine is :func:`decode_loop` unless :func:`fast_loop_unsupported` gives a reason,
+    then ``model.generate`` (:func:`hf_generate`).
 
     Args:
         input_ids: ``(B, Q)`` left-padded prompt ids.
@@ -93,6 +115,101 @@ def sample_responses(
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
     if attention_mask[:, -1].min() == 0:
         raise ValueError("prompts must be left-padded for generation (found padding at the end)")
+    engine = hf_generate if fast_loop_unsupported(model, cfg) else decode_loop
+    was_training = model.training
+    model.eval()
+    try:
+        response = engine(model, input_ids, attention_mask, eos_token_id, pad_token_id, cfg)  # (B, A)
+    finally:
+        model.train(was_training)
+    return mask_after_eos(response, eos_token_id, pad_token_id)
+
+
+# ----------------------------------------------------------------------------- which engine
+# generation_config entries that leave the sampled distribution alone (ids, caching, outputs, beam-only knobs);
+# temperature, top_k, top_p, do_sample, min_new_tokens and max_new_tokens are always passed explicitly.
+_NEUTRAL_GENERATION_KEYS = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache", "cache_implementation",
+    "cache_config", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size", "output_attentions",
+    "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate", "renormalize_logits",
+    "remove_invalid_values", "early_stopping", "length_penalty", "low_memory", "transformers_version",
+    "_from_model_config",
+}
+# Their values that change nothing (anything else in a model's generation_config sends it to model.generate).
+_NEUTRAL_VALUES = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0, "repetition_penalty": 1.0,
+                   "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                   "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def fast_loop_unsupported(model: nn.Module, cfg: SamplingConfig) -> str | None:
+    """Why :func:`decode_loop` cannot sample for ``model`` and ``cfg``; ``None`` when it can.
+
+    The loop needs a decoder-only ``transformers`` model whose forward takes an attention
+    mask, position ids and a ``Cache``, unsharded parameters (under FSDP or ZeRO-3 every
+    rank must run the same number of forwards, which ``generate`` synchronises), and no
+    logits processing beyond temperature / top-k / top-p / ``min_new_tokens`` (a
+    ``generation_config`` asking for, say, a repetition penalty goes to ``generate``).
+    """
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"unknown sampling engine {cfg.engine!r}; expected one of {ENGINES}")
+    if cfg.engine == "hf":
+        return "engine='hf' was asked for"
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        return f"{type(model).__name__} is not a transformers generative model"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports_cache is None or not supports_cache():
+        return f"{type(model).__name__} does not use transformers Cache objects"
+    params = set(inspect.signature(model.forward).parameters)
+    missing = {"attention_mask", "position_ids"} - params
+    if missing or not {"cache", "past_key_values"} & params:
+        return f"{type(model).__name__}.forward takes no {sorted(missing) or 'cache'} argument"
+    if _sharded(model):
+        return "parameters are sharded across ranks (FSDP / ZeRO-3): generate synchronises the ranks"
+    extras = _generation_config_extras(model)
+    if extras:
+        return f"model.generation_config asks for logits processing the loop does not do: {extras}"
+    return None
+
+
+def _sharded(model: nn.Module) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    wrapped = any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+    return wrapped or any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _generation_config_extras(model: nn.Module) -> list[str]:
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return []
+    return sorted(
+        k for k, v in gc.to_diff_dict().items()
+        if k not in _NEUTRAL_GENERATION_KEYS and v is not None and _NEUTRAL_VALUES.get(k, object()) != v
+    )
+
+
+# ----------------------------------------------------------------------------- the engines
+def hf_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_token_id: int,
+    pad_token_id: int,
+    cfg: SamplingConfig,
+) -> torch.Tensor:
+    """``model.generate`` with ``cfg``: the ``(B, A)`` new tokens (pad after a row's EOS).
+
+    Every setting of ``cfg`` is passed explicitly (``None`` overrides the model's
+    ``generation_config`` too: ``top_k=None`` is no top-k, not its default of 50).
+    """
     kwargs = dict(
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens or None,
@@ -106,14 +223,140 @@ def sample_responses(
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    finally:
-        model.train(was_training)
-    response = out[:, input_ids.shape[1]:]  # (B, A)
-    return mask_after_eos(response, eos_token_id, pad_token_id)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out[:, input_ids.shape[1]:]  # (B, A)
+
+
+@torch.inference_mode()
+def decode_loop(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    cfg: SamplingConfig,
+    cache: str = "auto",
+) -> torch.Tensor:
+    """Our decode loop over the KV cache: the ``(B, A)`` new tokens (pad after a row's EOS).
+
+    One prefill over the left-padded prompts, then one single-token forward per step,
+    position ids counted over real tokens (:func:`position_ids_from_mask`). Each step:
+    EOS masked out before ``min_new_tokens``, then :func:`warp_logits` and
+    :func:`draw_tokens` (or argmax when greedy). A row that samples EOS emits pad from
+    then on; once a quarter of the batch has ended, ended rows leave the batch (and the
+    cache), so they stop costing forwards. The loop stops when every row has ended or
+    ``max_new_tokens`` are spent, so ``A <= max_new_tokens``.
+
+    Args:
+        cache: ``"static"`` (preallocated), ``"dynamic"`` (grown per step) or ``"auto"``:
+            static where the model supports it (measured faster on CPU).
+    """
+    B, Q = input_ids.shape
+    N = cfg.max_new_tokens
+    device = input_ids.device
+    out = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)  # (B, N)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, Q + N) sliced as tokens come
+    positions = position_ids_from_mask(attention_mask)  # (B, Q)
+    step = _Stepper(model, _new_cache(model, Q + N, cache))
+    logits = step(input_ids, mask[:, :Q], positions)  # (B, V)
+    next_pos = positions[:, -1:] + 1  # (b, 1) position of the token each live row samples next
+    rows = torch.arange(B, device=device)  # (b,) the batch row of each live row
+    ended = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) sampled EOS, not yet dropped
+    width = N
+    for t in range(N):
+        if eos_token_id is not None and t < cfg.min_new_tokens:
+            logits[:, eos_token_id] = -float("inf")
+        if cfg.do_sample:
+            tokens = draw_tokens(warp_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))  # (b,)
+        else:
+            tokens = logits.argmax(-1)  # (b,)
+        tokens.masked_fill_(ended, pad_token_id)
+        out[rows, t] = tokens
+        if eos_token_id is not None:
+            ended |= tokens == eos_token_id
+            n_ended = int(ended.sum())
+            if n_ended == len(rows):
+                width = t + 1
+                break
+            if n_ended * 4 >= len(rows) and t < N - 2:  # drop ended rows: a copy of the cache buys cheaper steps
+                keep = (~ended).nonzero().squeeze(1)  # (b',)
+                step.cache.reorder_cache(keep)
+                rows, tokens, next_pos, mask, ended = rows[keep], tokens[keep], next_pos[keep], mask[keep], ended[keep]
+        if t == N - 1:
+            break
+        logits = step(tokens[:, None], mask[:, : Q + t + 1], next_pos)  # (b, V)
+        next_pos = next_pos + 1
+    return out[:, :width].clone()  # a normal tensor, usable outside inference mode
+
+
+class _Stepper:
+    """One forward with the cache: the float32 next-token logits ``(b, V)`` of the last position."""
+
+    def __init__(self, model: nn.Module, cache):
+        self.model, self.cache = model, cache
+        params = inspect.signature(model.forward).parameters
+        self.kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+        if "logits_to_keep" in params:  # the LM head runs on the last position only
+            self.kwargs["logits_to_keep"] = 1
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.kwargs)
+        return out.logits[:, -1].float()  # (b, V)
+
+
+def _new_cache(model: nn.Module, max_len: int, kind: str):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "auto":
+        kind = "static" if getattr(model, "_can_compile_fullgraph", False) else "dynamic"
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- sampling maths
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p: ``generate``'s warpers, in its order; filtered logits are ``-inf``.
+
+    As ``transformers`` defines them: top-k keeps every token whose logit is at least
+    the k-th largest (ties included); top-p sorts ascending and removes the tokens whose
+    cumulative probability is ``<= 1 - top_p``, always keeping the most likely one
+    (``min_tokens_to_keep=1``). ``top_k=0`` and ``top_p=1`` switch them off.
+
+    Args:
+        logits: ``(B, V)`` next-token logits (float32).
+    """
+    if temperature != 1.0:
+        logits = logits / temperature  # (B, V)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)  # (B, V)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (B, V) in sorted order
+        remove[:, -1:] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return logits
+
+
+def draw_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``softmax(logits)`` by inverse CDF: ``(B,)`` ids.
+
+    One uniform ``u`` in ``(0, 1]`` per row from torch's global generator, scaled by the
+    row's total weight; the token is the first index whose cumulative weight reaches it,
+    so a token of probability 0 (a ``-inf`` logit) is never drawn. The cumulative sum
+    runs in float64 so that rounding cannot move mass between tokens (float32 loses the
+    increments of tokens below ~1e-7 once the sum nears 1).
+
+    Args:
+        logits: ``(B, V)``; at least one finite entry per row.
+    """
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()  # (B, V) unnormalised probabilities
+    cdf = weights.to(torch.float64).cumsum_(-1)  # (B, V)
+    u = 1.0 - torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device)  # (B, 1) in (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)  # (B,)
 
 
 def decode_responses(tokenizer, gen: Generation) -> list[str]:
