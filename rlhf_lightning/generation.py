@@ -15,6 +15,7 @@ Two engines sample the same distribution (temperature, then top-k, then top-p, a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -236,6 +237,7 @@ def decode_loop(
     pad_token_id: int,
     cfg: SamplingConfig,
     cache: str = "auto",
+    attention: str = "auto",
 ) -> torch.Tensor:
     """Our decode loop over the KV cache: the ``(B, A)`` new tokens (pad after a row's EOS).
 
@@ -249,7 +251,10 @@ def decode_loop(
 
     Args:
         cache: ``"static"`` (preallocated), ``"dynamic"`` (grown per step) or ``"auto"``:
-            static where the model supports it (measured faster on CPU).
+            static where the model supports it (measured faster on CPU: no per-step growth).
+        attention: ``"model"`` keeps the model's attention implementation; ``"auto"``
+            runs the one-query decode steps of an SDPA model on CPU through its eager
+            attention (measured faster than SDPA's CPU kernel there), prefill unchanged.
     """
     B, Q = input_ids.shape
     N = cfg.max_new_tokens
@@ -263,30 +268,50 @@ def decode_loop(
     rows = torch.arange(B, device=device)  # (b,) the batch row of each live row
     ended = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) sampled EOS, not yet dropped
     width = N
-    for t in range(N):
-        if eos_token_id is not None and t < cfg.min_new_tokens:
-            logits[:, eos_token_id] = -float("inf")
-        if cfg.do_sample:
-            tokens = draw_tokens(warp_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))  # (b,)
-        else:
-            tokens = logits.argmax(-1)  # (b,)
-        tokens.masked_fill_(ended, pad_token_id)
-        out[rows, t] = tokens
-        if eos_token_id is not None:
-            ended |= tokens == eos_token_id
-            n_ended = int(ended.sum())
-            if n_ended == len(rows):
-                width = t + 1
+    with _decode_attention(model, device, attention):
+        for t in range(N):
+            if eos_token_id is not None and t < cfg.min_new_tokens:
+                logits[:, eos_token_id] = -float("inf")
+            if cfg.do_sample:
+                tokens = draw_tokens(warp_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))  # (b,)
+            else:
+                tokens = logits.argmax(-1)  # (b,)
+            tokens.masked_fill_(ended, pad_token_id)
+            out[rows, t] = tokens
+            if eos_token_id is not None:
+                ended |= tokens == eos_token_id
+                n_ended = int(ended.sum())
+                if n_ended == len(rows):
+                    width = t + 1
+                    break
+                if n_ended * 4 >= len(rows) and t < N - 2:  # drop ended rows: one copy of the cache, cheaper steps
+                    keep = (~ended).nonzero().squeeze(1)  # (b',)
+                    step.cache.reorder_cache(keep)
+                    rows, tokens, next_pos, mask, ended = (x[keep] for x in (rows, tokens, next_pos, mask, ended))
+            if t == N - 1:
                 break
-            if n_ended * 4 >= len(rows) and t < N - 2:  # drop ended rows: a copy of the cache buys cheaper steps
-                keep = (~ended).nonzero().squeeze(1)  # (b',)
-                step.cache.reorder_cache(keep)
-                rows, tokens, next_pos, mask, ended = rows[keep], tokens[keep], next_pos[keep], mask[keep], ended[keep]
-        if t == N - 1:
-            break
-        logits = step(tokens[:, None], mask[:, : Q + t + 1], next_pos)  # (b, V)
-        next_pos = next_pos + 1
+            logits = step(tokens[:, None], mask[:, : Q + t + 1], next_pos)  # (b, V)
+            next_pos = next_pos + 1
     return out[:, :width].clone()  # a normal tensor, usable outside inference mode
+
+
+@contextlib.contextmanager
+def _decode_attention(model: nn.Module, device: torch.device, attention: str):
+    if attention not in ("auto", "model"):
+        raise ValueError(f"attention must be 'auto' or 'model', got {attention!r}")
+    config = model.config
+    before = config._attn_implementation
+    switch = (
+        attention == "auto" and device.type == "cpu" and before == "sdpa"
+        and getattr(model, "_can_set_attn_implementation", lambda: False)()
+    )
+    if switch:
+        config._attn_implementation = "eager"  # read at every forward; the setter reaches sub-configs
+    try:
+        yield
+    finally:
+        if switch:
+            config._attn_implementation = before
 
 
 class _Stepper:
