@@ -57,8 +57,10 @@ def engines(args) -> dict:
     if args.variants:
         for cache in ("static", "dynamic"):
             for attention in ("auto", "model"):
-                out[f"ours[{cache},{attention}]"] = (
-                    lambda m, ids, mask, cfg, c=cache, a=attention: decode_loop(m, ids, mask, 2, 0, cfg, cache=c, attention=a))
+                def variant(m, ids, mask, cfg, c=cache, a=attention):
+                    return decode_loop(m, ids, mask, 2, 0, cfg, cache=c, attention=a)
+
+                out[f"ours[{cache},{attention}]"] = variant
     return out
 
 

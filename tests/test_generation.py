@@ -29,7 +29,8 @@ from rlhf_lightning.generation import (
 )
 from rlhf_lightning.models import causal_lm_logits, load_causal_lm
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "max_position_embeddings": 128}
 ARCHS = {
     "llama": dict(model_type="llama", num_key_value_heads=2, **SMALL),
     "gpt2": dict(model_type="gpt2", n_layer=2, n_embd=32, n_head=4, n_positions=128),
@@ -112,7 +113,8 @@ def test_step_logits_equal_full_forward_without_cache(tokenizer, arch, cache, mo
 
     monkeypatch.setattr(generation, "warp_logits", record)
     torch.manual_seed(0)
-    response = decode_loop(model, ids, mask, None, tokenizer.pad_token_id, SamplingConfig(max_new_tokens=8), cache=cache)
+    cfg = SamplingConfig(max_new_tokens=8)
+    response = decode_loop(model, ids, mask, None, tokenizer.pad_token_id, cfg, cache=cache)  # (B, 8)
     full_ids = torch.cat([ids, response], 1)  # (B, Q + 8)
     full_mask = torch.cat([mask, torch.ones_like(response)], 1)
     with torch.no_grad():
@@ -145,7 +147,8 @@ def test_draw_tokens_never_draws_a_zero_probability_token(monkeypatch):
     logits = torch.tensor([[-math.inf, 0.0, -math.inf, 1.0, -math.inf]] * 3)
     # The extreme uniforms: u = 1 - rand, so rand = 0 gives u = 1 (the last token with mass)
     # and rand just below 1 gives u ~ 0 (the first token with mass, not the -inf at index 0).
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.tensor([[0.0], [1 - 2**-53], [0.5]], dtype=kw["dtype"]))
+    uniforms = torch.tensor([[0.0], [1 - 2**-53], [0.5]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: uniforms)
     assert draw_tokens(logits).tolist() == [3, 1, 3]
     monkeypatch.undo()
     torch.manual_seed(0)
@@ -154,7 +157,10 @@ def test_draw_tokens_never_draws_a_zero_probability_token(monkeypatch):
 
 
 def chi_square_bound(df: int, z: float = 3.090) -> float:
-    """The 0.999 quantile of chi-square(df) by Wilson-Hilferty: df * (1 - 2/(9 df) + z sqrt(2/(9 df)))^3, z = Phi^-1(0.999)."""
+    """The 0.999 quantile of chi-square(df) by Wilson-Hilferty.
+
+    ``df * (1 - 2/(9 df) + z sqrt(2/(9 df)))^3`` with ``z = Phi^-1(0.999) = 3.090``.
+    """
     c = 2.0 / (9.0 * df)
     return df * (1.0 - c + z * math.sqrt(c)) ** 3
 
@@ -165,7 +171,7 @@ def test_chi_square_bound_matches_tables():
 
 
 def expected_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """softmax(logits / T) restricted to the top-k, then to the smallest most-likely set of mass >= top_p, renormalised."""
+    """softmax(logits / T) cut to the top-k, then to the smallest most-likely set of mass >= top_p; renormalised."""
     probs = (logits.double() / temperature).softmax(-1)  # (V,)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if top_k:
@@ -246,7 +252,8 @@ def test_masking_after_eos_and_ended_flags(tokenizer):
 def test_loop_stops_when_every_row_has_ended(tokenizer):
     model = likely_eos_model(tokenizer, eos_bias=1e4)  # EOS is certain at every step where it is allowed
     ids, mask = left_padded(tokenizer, [4, 9, 2])
-    gen = sample_responses(model, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, SamplingConfig(max_new_tokens=9))
+    cfg = SamplingConfig(max_new_tokens=9)
+    gen = sample_responses(model, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg)
     assert gen.response_ids.tolist() == [[tokenizer.eos_token_id]] * 3 and gen.ended.all()
     cfg = SamplingConfig(max_new_tokens=9, min_new_tokens=4)
     gen = sample_responses(model, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg)
@@ -272,7 +279,8 @@ def test_output_is_an_ordinary_tensor_and_model_state_is_restored(tiny_lm, token
     tiny_lm.train()
     before = tiny_lm.config._attn_implementation
     ids, mask = left_padded(tokenizer, [3, 6])
-    gen = sample_responses(tiny_lm, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, SamplingConfig(max_new_tokens=4))
+    cfg = SamplingConfig(max_new_tokens=4)
+    gen = sample_responses(tiny_lm, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg)
     assert tiny_lm.training and tiny_lm.config._attn_implementation == before
     assert not gen.response_ids.is_inference()
     # The ids feed a forward with gradients (an inference tensor could not be saved for backward).
@@ -323,8 +331,9 @@ def test_fallback_reasons(tiny_lm, tokenizer, monkeypatch):
 
 def test_sample_responses_dispatches_on_the_condition(tiny_lm, tokenizer, monkeypatch):
     calls = []
-    monkeypatch.setattr(generation, "hf_generate", lambda *a: calls.append("hf") or torch.zeros(2, 1, dtype=torch.long))
-    monkeypatch.setattr(generation, "decode_loop", lambda *a: calls.append("loop") or torch.zeros(2, 1, dtype=torch.long))
+    empty = torch.zeros(2, 1, dtype=torch.long)
+    monkeypatch.setattr(generation, "hf_generate", lambda *a: calls.append("hf") or empty)
+    monkeypatch.setattr(generation, "decode_loop", lambda *a: calls.append("loop") or empty)
     ids, mask = left_padded(tokenizer, [3, 5])
     args = (tiny_lm, ids, mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
     sample_responses(*args, SamplingConfig())
