@@ -8,7 +8,8 @@ Two engines sample the same distribution (temperature, then top-k, then top-p, a
 
 * :func:`decode_loop`, our own loop over the model's KV cache (the default): no
   logits-processor lists, the LM head on the last position only, one uniform per row
-  drawn through the inverse CDF, and rows that have ended dropped from the batch;
+  drawn through the inverse CDF, rows that have ended dropped from the batch, a static
+  cache, and on CPU the model's eager attention for one-query steps;
 * :func:`hf_generate`, ``model.generate``, for what the loop does not handle
   (:func:`fast_loop_unsupported` decides, in one place).
 """
@@ -251,7 +252,8 @@ def decode_loop(
 
     Args:
         cache: ``"static"`` (preallocated), ``"dynamic"`` (grown per step) or ``"auto"``:
-            static where the model supports it (measured faster on CPU: no per-step growth).
+            static where the model supports it (no per-step reallocation; on the CPU
+            benchmark within noise of dynamic: ``scripts/bench_generate.py --variants``).
         attention: ``"model"`` keeps the model's attention implementation; ``"auto"``
             runs the one-query decode steps of an SDPA model on CPU through its eager
             attention (measured faster than SDPA's CPU kernel there), prefill unchanged.
