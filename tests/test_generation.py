@@ -122,7 +122,7 @@ def test_step_logits_equal_full_forward_without_cache(tokenizer, arch, cache, mo
         seen.append(logits.clone())
         return logits
 
-    monkeypatch.setattr(generation, "warp_logits", record)
+    monkeypatch.setattr("rlhf_lightning.generation.decode.warp_logits", record)  # where decode_loop looks it up
     torch.manual_seed(0)
     cfg = SamplingConfig(engine="auto", max_new_tokens=8)
     response = decode_loop(model, ids, mask, None, tokenizer.pad_token_id, cfg, cache=cache)  # (B, 8)
