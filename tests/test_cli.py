@@ -166,3 +166,21 @@ def test_console_script_exits_zero_on_success(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "d" / "summary.json").is_file()
+
+
+def test_reward_functions_from_the_command_line(demo_workspace, tmp_path, monkeypatch):
+    # GRPO scored by a reward function named on the command line (YAML gives it as a mapping).
+    monkeypatch.chdir(demo_workspace)
+    cli_main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS / "grpo.yaml"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.reward_model=null",
+            "--model.init_args.reward_functions=[{function: rlhf_lightning.data.demo:gold_reward_batch, weight: 2.0}]",
+        ]
+    )
+    assert (tmp_path / "hf" / "model.safetensors").exists()

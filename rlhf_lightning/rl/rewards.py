@@ -94,7 +94,10 @@ class RewardSources:
             raise ValueError("no reward source: give a reward model, reward functions, or both")
         self.reward_model = reward_model
         self.reward_model_weight = reward_model_weight
-        self.functions = [RewardFunction(s) for s in functions]
+        # Specs from YAML or the command line may arrive as plain mappings.
+        self.functions = [
+            RewardFunction(s if isinstance(s, RewardFunctionSpec) else RewardFunctionSpec(**s)) for s in functions
+        ]
 
     @torch.no_grad()
     def __call__(
