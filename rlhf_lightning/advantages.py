@@ -21,6 +21,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "kl_per_token",
     "kl_penalized_rewards",
+    "sequence_kl",
     "gae",
     "reinforce_pp_advantages",
     "group_advantages",
@@ -70,6 +71,19 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+def sequence_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """``(B,)`` Monte-Carlo KL(pi || ref) of each sampled sequence: ``sum_t kl_t`` over the mask.
+
+    Args:
+        logprobs, ref_logprobs: ``(B, A)`` log-probs of the sampled tokens under pi and ref.
+        mask: ``(B, A)`` 1 on real response tokens.
+        estimator: per-token estimator of :func:`kl_per_token` (``k1``, ``k2``, ``k3``).
+    """
+    return (kl_per_token(logprobs, ref_logprobs, estimator) * mask).sum(-1)  # (B,)
 
 
 def kl_penalized_rewards(

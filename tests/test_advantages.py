@@ -325,3 +325,16 @@ def test_estimator_registry_names_the_functions():
         assert ESTIMATORS[name](SCORES, IDS).shape == (4,)
     unscaled = group_advantages(NC_SCORES, NC_IDS, scale_by_std=False)
     assert torch.equal(ESTIMATORS["dr_grpo"](NC_SCORES, NC_IDS), unscaled)
+
+
+def test_sequence_kl_sums_the_per_token_estimate_over_the_mask():
+    from rlhf_lightning.advantages import sequence_kl
+
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # k1 = logp - ref = [0.5, -1.0, (masked)] -> 0.5 - 1.0 = -0.5
+    assert sequence_kl(logp, ref, mask, "k1").tolist() == [-0.5]
+    # k3 = e^r - 1 - r with r = ref - logp = [-0.5, 1.0]: (e^-0.5 - 0.5) + (e - 2)
+    expected = (math.exp(-0.5) - 1 + 0.5) + (math.exp(1.0) - 1 - 1.0)
+    assert sequence_kl(logp, ref, mask, "k3").item() == pytest.approx(expected, rel=1e-6)

@@ -73,8 +73,7 @@ def _sequence_scores(r: Rollout, s: EstimatorSettings) -> torch.Tensor:
     """``(B,)`` scores minus the sequence KL when it goes in the reward."""
     if not s.kl_in_reward or s.kl_coef == 0:
         return r.scores
-    kl = (adv.kl_per_token(r.logprobs, r.ref_logprobs, s.kl_estimator) * r.response_mask).sum(-1)  # (B,)
-    return r.scores - s.kl_coef * kl
+    return r.scores - s.kl_coef * adv.sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, s.kl_estimator)
 
 
 ESTIMATORS: dict[str, Estimator] = {

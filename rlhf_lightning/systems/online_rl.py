@@ -234,8 +234,8 @@ class OnlineRLModule(PolicySystem):
         r.advantages, r.returns = self.estimator(r, settings)
         if hp.whiten_advantages:
             r.advantages = lp.masked_whiten(r.advantages, m, all_reduce=distributed)
-        kl_k1 = (adv.kl_per_token(r.logprobs, r.ref_logprobs, "k1") * m).sum(-1)  # (B,) sequence KL
-        kl_k3 = (adv.kl_per_token(r.logprobs, r.ref_logprobs, "k3") * m).sum(-1)  # (B,)
+        kl_k1 = adv.sequence_kl(r.logprobs, r.ref_logprobs, m, "k1")  # (B,)
+        kl_k3 = adv.sequence_kl(r.logprobs, r.ref_logprobs, m, "k3")  # (B,)
         stats = {
             "kl": kl_k1.mean(),
             "kl_k3": kl_k3.mean(),
