@@ -293,6 +293,26 @@ def groups_with_signal(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.T
     return _group_stats(scores, group_ids)[-1]
 
 
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong penalty (Yu et al. 2025), added to the sequence score.
+
+    ``0`` up to ``max_length - buffer`` tokens, then falling linearly to ``-1`` at
+    ``max_length`` (and ``-1`` beyond): ``-clamp((L - (max_length - buffer)) / buffer, 0, 1)``.
+
+    Args:
+        lengths: ``(B,)`` response lengths in tokens.
+        max_length: the response budget (``max_new_tokens``).
+        buffer: the width of the penalised zone, ``1 <= buffer <= max_length``.
+
+    Returns:
+        ``(B,)`` float32 penalties in ``[-1, 0]``.
+    """
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in [1, max_length={max_length}], got {buffer}")
+    excess = lengths.float() - (max_length - buffer)  # (B,)
+    return -(excess / buffer).clamp(0.0, 1.0)
+
+
 # What configs name (``advantage_estimator: grpo``). Plain data: a new estimator is a new
 # entry. Two call shapes: token level ``gae(rewards, values, mask, ...)`` and
 # ``reinforce_pp(rewards, mask, ...)`` return ``(advantages, returns)``, each ``(B, A)``;

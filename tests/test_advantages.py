@@ -338,3 +338,15 @@ def test_sequence_kl_sums_the_per_token_estimate_over_the_mask():
     # k3 = e^r - 1 - r with r = ref - logp = [-0.5, 1.0]: (e^-0.5 - 0.5) + (e - 2)
     expected = (math.exp(-0.5) - 1 + 0.5) + (math.exp(1.0) - 1 - 1.0)
     assert sequence_kl(logp, ref, mask, "k3").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_overlong_penalty_hand_values():
+    # budget 10, buffer 4: free up to 6 tokens, then -1/4 per token, -1 at 10 and beyond
+    lengths = torch.tensor([0, 6, 7, 8, 10, 12])
+    expected = torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    assert torch.equal(advantages_module.overlong_penalty(lengths, max_length=10, buffer=4), expected)
+    # buffer = budget: the penalty is the length's share of the budget
+    assert torch.allclose(advantages_module.overlong_penalty(torch.tensor([5]), 10, 10), torch.tensor([-0.5]))
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="overlong buffer"):
+            advantages_module.overlong_penalty(lengths, 10, bad)

@@ -185,3 +185,27 @@ def test_reinforce_pp_whitens_returns_over_the_batch(policy_export):
     from rlhf_lightning.logprobs import masked_mean
 
     assert abs(masked_mean(r.advantages, r.response_mask).item()) < 1e-5  # whitened over all tokens of the batch
+
+
+def test_overlong_penalty_applies_to_a_reward_function(policy_export):
+    """Constant reward 1: each score is 1 minus half the soft penalty of its response's length."""
+    L.seed_everything(0)
+    budget, buffer = 6, 3
+    module = make(
+        policy_export,
+        reward="constant_reward",
+        sampling=SamplingConfig(max_new_tokens=budget),
+        overlong_buffer=buffer,
+        overlong_penalty_factor=0.5,
+    )
+    module.configure_model()
+    r, _ = module.engine.collect(next(iter(data(policy_export).train_dataloader())))
+    lengths = r.response_mask.sum(-1)
+    expected = 1.0 - 0.5 * ((lengths.float() - (budget - buffer)) / buffer).clamp(0, 1)
+    assert torch.allclose(r.scores, expected)
+    assert (lengths > budget - buffer).any()  # the penalty was exercised
+
+
+def test_overlong_buffer_larger_than_the_budget_is_an_error(policy_export):
+    with pytest.raises(ValueError, match="overlong buffer"):
+        make(policy_export, sampling=SamplingConfig(max_new_tokens=6), overlong_buffer=7)

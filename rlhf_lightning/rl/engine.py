@@ -7,7 +7,8 @@ For a batch of left-padded prompts it
 2. samples responses from the policy (``generation.sample_responses``: KV cache, stop
    at EOS, everything after the first EOS masked);
 3. scores query+response with the reward sources (a reward model, reward functions or
-   both), then gives ``missing_eos_penalty`` to responses that never ended;
+   both), then gives ``missing_eos_penalty`` to responses that never ended and, when
+   ``overlong_buffer`` is set, DAPO's soft overlong penalty to long ones;
 4. takes the frozen reference's log-probs and, unless the first learning forward will
    stand in for it, the policy's log-probs, entropy and the critic's values.
 
@@ -109,6 +110,10 @@ class RolloutEngine:
         r.ref_logprobs = self.ref_logprobs(r)  # (B, A)
         penalty = s.hparams.missing_eos_penalty
         r.scores = scores if penalty is None else torch.where(gen.ended, scores, torch.full_like(scores, penalty))
+        if s.hparams.overlong_buffer is not None:
+            lengths = r.response_mask.sum(-1)  # (B,)
+            overlong = adv.overlong_penalty(lengths, s.sampling.max_new_tokens, s.hparams.overlong_buffer)
+            r.scores = r.scores + s.hparams.overlong_penalty_factor * overlong.to(r.scores.dtype)
         stats = {
             "reward_score": scores.mean(),
             "reward_score_penalized": r.scores.mean(),

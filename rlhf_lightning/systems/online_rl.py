@@ -93,6 +93,8 @@ class OnlineRLModule(PolicySystem):
         dynamic_sampling: bool = False,
         normalize_reward: bool = True,
         missing_eos_penalty: float | None = -1.0,
+        overlong_buffer: int | None = None,
+        overlong_penalty_factor: float = 1.0,
         logprob_temperature: float | None = None,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
@@ -130,6 +132,10 @@ class OnlineRLModule(PolicySystem):
             dynamic_sampling: drop groups whose scores are all equal (no signal; DAPO), counted.
             normalize_reward: apply the gain/bias stored in the reward export.
             missing_eos_penalty: the score of responses without EOS; None keeps their score.
+            overlong_buffer: DAPO's soft overlong penalty: responses longer than
+                ``max_new_tokens - overlong_buffer`` lose up to ``overlong_penalty_factor``
+                (linearly, all of it at ``max_new_tokens``), added after the missing-EOS
+                penalty, whatever the reward source; None: off.
             logprob_temperature: temperature of the recomputed log-probs; default the
                 sampling temperature (anything else makes ratio and KL refer to another policy).
             gradient_checkpointing: recompute activations of the policy and critic in backward.
@@ -155,6 +161,8 @@ class OnlineRLModule(PolicySystem):
         )
         adv.kl_per_token(torch.zeros(1), torch.zeros(1), kl_estimator)  # fail early on a bad estimator name
         warn_if_truncated(self.sampling, stage.upper())
+        if overlong_buffer is not None:  # fail at construction, not after the first rollout
+            adv.overlong_penalty(torch.zeros(1), self.sampling.max_new_tokens, overlong_buffer)
         self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
         self.iteration = 0
         self.minibatch_generator = torch.Generator()
