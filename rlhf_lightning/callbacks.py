@@ -1,4 +1,5 @@
-"""Callbacks: Hugging Face export at the end of fit, JSONL prediction writing, sample tables.
+"""Callbacks: Hugging Face export at the end of fit, the non-finite guard, JSONL prediction
+writing, sample tables.
 
 The training-time evaluation callback is :class:`rlhf_lightning.eval.GoldRewardEval`.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -37,6 +39,77 @@ class HFExport(L.Callback):
             path = pl_module.export_hf(self.export_path(trainer))
             log.info("exported %s to %s", type(pl_module).__name__, path)
         trainer.strategy.barrier()
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Stop (or skip the step) when a gradient norm or a logged loss is not finite.
+
+    The check runs before every optimizer step, so a non-finite update never reaches the
+    weights: the checkpoints written on the way out (``save_on_exception``) and the last
+    periodic one hold finite weights. Under several ranks the decision is shared, so no
+    rank is left waiting. ``rlhf-lightning fit`` always adds it (``--nonfinite.action``).
+
+    Args:
+        action: ``stop`` raises :class:`NonFiniteError` naming the step and the metric;
+            ``skip`` drops the step's gradients (no update) and counts it in
+            ``nonfinite/skipped_steps``.
+    """
+
+    def __init__(self, action: str = "stop"):
+        if action not in ("stop", "skip"):
+            raise ValueError(f"NonFiniteGuard action must be 'stop' or 'skip', got {action!r}")
+        self.action = action
+        self.skipped = 0
+
+    @staticmethod
+    def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        norm = self.grad_norm(optimizer)
+        bad = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(norm)), all=False)
+        if not bad:
+            return
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if self.action == "stop":
+            raise NonFiniteError(
+                f"non-finite gradient norm ({float(norm)}) at {where}{self._losses(trainer)}; training stopped "
+                "before the update, so the weights and checkpoints stay finite. Lower the learning rate or "
+                "check the data; --nonfinite.action=skip skips such steps instead."
+            )
+        optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
+        self.skipped += 1
+        log.warning("skipped the update at %s: non-finite gradient norm (%d skipped so far)", where, self.skipped)
+        pl_module.log("nonfinite/skipped_steps", float(self.skipped), on_step=True, batch_size=1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.action == "skip":
+            return  # a non-finite loss gave non-finite gradients, whose step was skipped
+        losses = self._losses(trainer)
+        if losses:
+            raise NonFiniteError(f"non-finite loss at step {trainer.global_step}{losses}; training stopped")
+
+    @staticmethod
+    def _losses(trainer: L.Trainer) -> str:
+        bad = [
+            f"{k}={float(v)}"
+            for k, v in trainer.callback_metrics.items()
+            if "loss" in k and isinstance(v, torch.Tensor) and v.numel() == 1 and not torch.isfinite(v)
+        ]
+        return f" (logged: {', '.join(bad)})" if bad else ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
 
 
 class JsonlPredictionWriter(BasePredictionWriter):

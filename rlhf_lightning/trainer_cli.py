@@ -24,6 +24,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from transformers.utils import logging as hf_logging
 
+from rlhf_lightning.callbacks import NonFiniteGuard
+from rlhf_lightning.rundir import RunDirLock, is_launcher_child
+
 # Interpolations such as ${inputs.sft} are written relative to the subcommand's config
 # (``fit``'s keys), not to the root parser's.
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -40,6 +43,18 @@ class RLHFCLI(LightningCLI):
             help="what the stage reads (exports, data files, tokenizer, gold reward), referred to as ${inputs.NAME}",
         )
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer", apply_on="parse")
+        # Always on: a non-finite loss or gradient stops the run (or, --nonfinite.action=skip, skips the step).
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+
+    def before_fit(self) -> None:
+        # One run per directory (rundir.py); the DDP launcher's other ranks share rank 0's lock.
+        if not is_launcher_child():
+            self._run_lock = RunDirLock(self.trainer.default_root_dir).acquire()
+
+    def after_fit(self) -> None:
+        lock = getattr(self, "_run_lock", None)
+        if lock is not None:
+            lock.release()
 
     def parse_arguments(self, parser, args) -> None:
         # LightningCLI's own, minus its warning about ``args`` *and* ``sys.argv``: ``cli_main``

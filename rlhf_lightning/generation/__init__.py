@@ -123,6 +123,13 @@ def sample_responses(
     model.eval()
     try:
         response = engine(model, input_ids, attention_mask, eos_token_id, pad_token_id, cfg)  # (B, A)
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):
+            raise
+        raise FloatingPointError(
+            "sampling failed: the policy produced non-finite logits (inf or NaN), so its weights or inputs "
+            "diverged; resume from an earlier checkpoint with a lower learning rate"
+        ) from err
     finally:
         model.train(was_training)
     return mask_after_eos(response, eos_token_id, pad_token_id)

@@ -170,9 +170,13 @@ def draw_tokens(logits: torch.Tensor) -> torch.Tensor:
     increments of tokens below ~1e-7 once the sum nears 1).
 
     Args:
-        logits: ``(B, V)``; at least one finite entry per row.
+        logits: ``(B, V)``; at least one finite entry per row (a NaN row raises the error
+            ``torch.multinomial`` gives, which :func:`sample_responses` explains).
     """
     weights = (logits - logits.amax(-1, keepdim=True)).exp_()  # (B, V) unnormalised probabilities
     cdf = weights.to(torch.float64).cumsum_(-1)  # (B, V)
     u = 1.0 - torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device)  # (B, 1) in (0, 1]
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)  # (B,)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)  # (B,)
+    if bool((tokens >= logits.shape[-1]).any()):  # only a NaN total puts u * total past the last entry
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0 (non-finite logits)")
+    return tokens

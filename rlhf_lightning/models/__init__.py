@@ -9,6 +9,7 @@ from rlhf_lightning.models.forward import (
 )
 from rlhf_lightning.models.loading import (
     build_config,
+    check_finite_weights,
     load_causal_lm,
     load_tokenizer,
     resize_for_tokenizer,
@@ -34,6 +35,7 @@ __all__ = [
     "build_config",
     "build_reward_model",
     "causal_lm_logits",
+    "check_finite_weights",
     "disable_dropout",
     "freeze",
     "init_score_head",

@@ -96,6 +96,16 @@ def load_causal_lm(
     return model
 
 
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Raise when a weight of ``model`` holds inf or NaN (a diverged run must not become an export)."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(
+                f"refusing to export {what}: weight {name!r} holds non-finite values (the run diverged); "
+                "resume from an earlier checkpoint with a lower learning rate"
+            )
+
+
 def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """``save_pretrained`` model (safetensors) and tokenizer into ``path``."""
     path = Path(path)

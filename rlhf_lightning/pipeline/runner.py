@@ -22,6 +22,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from rlhf_lightning.pipeline.stages import DATA_INPUTS, STAGES, Stage, derive_stage
+from rlhf_lightning.rundir import RunDirLock
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,10 @@ class Pipeline:
         unknown = [n for n in names if n not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; the registered stages are {list(STAGES)}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(self.run_dir):  # before anything is written: a second pipeline here stops at once
+            self._run(names, resume)
+
+    def _run(self, names: list[str], resume: bool) -> None:
         (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
         for i, name in enumerate(names, 1):
             stage = STAGES[name]

@@ -26,7 +26,14 @@ import lightning as L
 import torch
 
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
-from rlhf_lightning.models import load_causal_lm, load_tokenizer, prepare_frozen, prepare_trainable, save_hf
+from rlhf_lightning.models import (
+    check_finite_weights,
+    load_causal_lm,
+    load_tokenizer,
+    prepare_frozen,
+    prepare_trainable,
+    save_hf,
+)
 from rlhf_lightning.optim import build_optimization
 
 
@@ -123,7 +130,9 @@ class RLHFSystem(L.LightningModule):
 
     def export_hf(self, path: str | Path) -> Path:
         """``save_pretrained`` the exported model and the tokenizer (the hand-off to the next stage)."""
-        return save_hf(self.export_model(), self.tokenizer, path)
+        model = self.export_model()
+        check_finite_weights(model, f"{type(self).__name__} to {path}")
+        return save_hf(model, self.tokenizer, path)
 
 
 class PolicySystem(RLHFSystem):
