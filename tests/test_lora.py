@@ -4,13 +4,16 @@ frozen, exports (merged or adapter-only) load with plain transformers / peft, ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rlhf_lightning.cli import cli_main
 from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.models import LoraSettings, build_reward_model, has_lora, load_causal_lm, save_hf
@@ -213,3 +216,49 @@ def test_explicit_reference_model_is_loaded_not_shared(files):
     module = DPOModule(model=files["sft"], ref_model=str(other), lora=LORA)
     module.configure_model()
     assert not module.reference_is_base and module.ref_policy is not None
+
+
+STAGES = ["sft", "reward", "dpo", "ppo", "grpo", "rloo", "reinforce_pp"]
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_commented_lora_keys_parse_when_uncommented(name, tmp_path, capsys):
+    """Every stage config carries a commented ``lora:`` line; uncommented, the config still parses."""
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("# lora: {"))
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(text.replace(line, line.replace("# lora:", "lora:", 1)))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "-c", str(config), "--trainer.precision=bf16-mixed", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["lora"]["r"] == 16
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sft", "dpo", "ppo"])
+def test_cli_runs_lora_bf16_on_the_demo_exports(name, demo_workspace, monkeypatch, tmp_path):
+    """The command lines a GPU check uses, here on CPU: LoRA and bf16-mixed from the command line."""
+    monkeypatch.chdir(demo_workspace)
+    extra = [] if name == "sft" else ["--model.init_args.model=runs/demo/sft/hf"]
+    if name == "sft":  # on a checkpoint, not from scratch: model= replaces model_config
+        extra = ["--model.init_args.model=runs/demo/sft/hf", "--model.init_args.model_config=null"]
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS / f"{name}.yaml"),
+            *extra,
+            "--model.init_args.lora.r=4",
+            "--model.init_args.lora.alpha=8",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_steps=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.global_step >= 1 and has_lora(cli.model.policy)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # a plain model, adapter merged in
+    assert not [k for k in merged.state_dict() if "lora" in k]
