@@ -74,9 +74,10 @@ def test_sft_bf16_mixed_matches_fp32(files, tmp_path, lora):  # noqa: F811
     )
 
 
-def test_sft_bf16_true_matches_fp32(files, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_sft_bf16_true_matches_fp32(files, tmp_path, lora):  # noqa: F811
     def make():
-        return SFTModule(model=files["sft"])
+        return SFTModule(model=files["sft"], lora=lora)
 
     ref = first_loss(make, lambda: sft_data(files), tmp_path, "32-true")
     torch.testing.assert_close(
