@@ -19,6 +19,7 @@ from rlhf_lightning.eval.sampling import (
     to_device,
 )
 from rlhf_lightning.importing import import_callable
+from rlhf_lightning.models import AdapterDisabled
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ class GoldRewardEval(L.Callback):
         for attr in ("policy", "tokenizer", "sampling"):
             if getattr(pl_module, attr, None) is None:
                 raise TypeError(f"GoldRewardEval needs a policy system; {type(pl_module).__name__} has no {attr}")
-        reference = self._frozen(pl_module, "ref_policy", self.reference)
+        if getattr(pl_module, "reference_is_base", False):  # a LoRA policy's reference: its adapter off
+            reference = AdapterDisabled(pl_module.policy)
+        else:
+            reference = self._frozen(pl_module, "ref_policy", self.reference)
         reward_model = self._frozen(pl_module, "reward_model", self.reward_model)
         temperature = logprob_temperature(pl_module)
         records: list[dict[str, Any]] = []

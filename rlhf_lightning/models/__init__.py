@@ -1,5 +1,15 @@
-"""Modelling: loading, the reward model and value head, preparation, and the shared forward passes."""
+"""Modelling: loading, the reward model and value head, preparation (LoRA adapters included), and the
+shared forward passes."""
 
+from rlhf_lightning.models.adapters import (
+    AdapterDisabled,
+    LoraSettings,
+    adapter_disabled,
+    count_parameters,
+    has_lora,
+    merged_copy,
+    save_adapter,
+)
 from rlhf_lightning.models.forward import (
     ResponseOutputs,
     causal_lm_logits,
@@ -27,6 +37,13 @@ from rlhf_lightning.models.reward import (
 )
 
 __all__ = [
+    "AdapterDisabled",
+    "LoraSettings",
+    "adapter_disabled",
+    "count_parameters",
+    "has_lora",
+    "merged_copy",
+    "save_adapter",
     "REWARD_BIAS_KEY",
     "REWARD_GAIN_KEY",
     "ResponseOutputs",

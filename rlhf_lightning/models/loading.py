@@ -6,6 +6,9 @@ Every model comes from one of two places:
   ``from_pretrained`` path (``trust_remote_code`` stays off unless asked for);
 * ``model_config``: a dict of ``transformers`` config fields (``model_type`` plus
   dimensions), for a model trained from scratch (the demo task, the tests).
+
+A LoRA stage's adapter-only export (``lora.export: adapter``) loads as its base with the
+adapter merged in: the next stage starts from (and takes as reference) the adapted policy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_lightning.models.adapters import is_adapter_dir, load_merged
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,10 @@ def load_causal_lm(
     """A causal LM from a hub name / local directory, or built fresh from ``model_config``."""
     if (name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of a model name/path or a model_config")
-    if name_or_path is not None:
+    if is_adapter_dir(name_or_path):
+        log.info("%s is an adapter-only export: loading its base with the adapter merged in", name_or_path)
+        model = load_merged(name_or_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code, dtype=dtype)
+    elif name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             os.fspath(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype
         )

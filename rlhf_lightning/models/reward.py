@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from rlhf_lightning.models.adapters import is_adapter_dir, load_merged
 from rlhf_lightning.models.forward import last_token_index, position_ids_from_mask
 from rlhf_lightning.models.loading import build_config, resize_for_tokenizer
 
@@ -114,7 +115,16 @@ def build_reward_model(
     """
     if (name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of a model name/path or a model_config")
-    if name_or_path is not None:
+    if is_adapter_dir(name_or_path):  # an adapter-only SFT export: its base with the adapter merged in
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new score head is reported as missing: expected
+        try:
+            model = load_merged(
+                name_or_path, AutoModelForSequenceClassification, num_labels=1, trust_remote_code=trust_remote_code
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    elif name_or_path is not None:
         # A causal LM's lm_head is dropped and the score head is new: transformers reports both
         # as a loading problem. Expected here, so check the other keys ourselves instead.
         verbosity = hf_logging.get_verbosity()

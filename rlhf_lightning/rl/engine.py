@@ -61,9 +61,8 @@ class RolloutEngine:
 
     def ref_logprobs(self, r: Rollout) -> torch.Tensor:
         ids, mask = r.sequences()  # (B, Q+A)
-        return response_logprobs(
-            self.system.ref_policy, ids, mask, r.query_width, self.system.logprob_temperature
-        ).logprobs  # (B, A)
+        with self.system.reference() as ref:  # a frozen model, or the LoRA policy with its adapter off
+            return response_logprobs(ref, ids, mask, r.query_width, self.system.logprob_temperature).logprobs  # (B, A)
 
     @torch.no_grad()
     def fill_old_outputs(self, r: Rollout) -> torch.Tensor:

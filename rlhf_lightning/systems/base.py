@@ -4,14 +4,20 @@ Each system (SFT, reward, DPO, PPO, ...) keeps its own typed ``__init__`` so tha
 ``--print_config`` shows every knob, calls :meth:`RLHFSystem._setup` from it, and builds
 its models in :meth:`RLHFSystem.build_models`. The base then takes care of:
 
-* **preparation**: trainable models go through :meth:`prepare_trainable` (train mode,
-  dropout off when the system has ``disable_dropout``, gradient checkpointing when it has
-  ``gradient_checkpointing``); adapters will plug in here too;
+* **preparation**: trainable models go through :meth:`prepare_trainable` (LoRA adapters
+  when the system has ``lora``, train mode, dropout off when it has ``disable_dropout``,
+  gradient checkpointing when it has ``gradient_checkpointing``); the trainable share of
+  the parameters is logged once the models are built;
+* **the reference** of a LoRA policy is the policy with its adapter off
+  (:meth:`PolicySystem.reference`): no second copy of the weights;
 * **frozen models** (reference, reward model), registered with :meth:`add_frozen`: eval
   mode whatever Lightning asks of the system, no gradients, never in an optimizer, and
   left out of checkpoints when they can be reloaded from their export;
 * **optimizers**: the injected optimizer and scheduler over :meth:`param_groups`;
-* **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer.
+* **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer; with LoRA the
+  adapter is merged into the exported weights unless ``lora.export`` is ``adapter``;
+* **checkpoints** of a LoRA model whose base reloads from an export hold the adapter and
+  the fully trained modules, not the frozen base weights.
 
 The maths stays in ``losses.py``, ``advantages.py`` and ``logprobs.py``; log-probs of
 responses come from ``models.response_logprobs``.
@@ -19,19 +25,28 @@ responses come from ``models.response_logprobs``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
 from rlhf_lightning.models import (
+    LoraSettings,
+    adapter_disabled,
     check_finite_weights,
+    count_parameters,
+    has_lora,
     load_causal_lm,
     load_tokenizer,
+    merged_copy,
     prepare_frozen,
     prepare_trainable,
+    save_adapter,
     save_hf,
 )
 from rlhf_lightning.optim import build_optimization
@@ -64,14 +79,32 @@ class RLHFSystem(L.LightningModule):
         if not self._models_built:
             self.build_models()
             self._models_built = True
+            self.trainable_params = self._count_trainable()
+            n, total = self.trainable_params
+            rank_zero_info(
+                f"{type(self).__name__}: trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.2f}%)"
+            )
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """The LoRA settings of the trainable models (``lora`` hyperparameter), or None: full fine-tuning."""
+        return LoraSettings.coerce(self.hparams.get("lora"))
 
     def prepare_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Train mode; dropout off and gradient checkpointing as the system's hyperparameters say."""
+        """LoRA, train mode, dropout off and gradient checkpointing as the system's hyperparameters say."""
         return prepare_trainable(
             model,
             no_dropout=bool(self.hparams.get("disable_dropout", False)),
             gradient_checkpointing=bool(self.hparams.get("gradient_checkpointing", False)),
+            lora=self.lora,
         )
+
+    def _count_trainable(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameters of the models this system trains (frozen ones left out)."""
+        frozen = {id(p) for name in self._frozen for p in getattr(self, name).parameters()}
+        trainable, total = count_parameters(self)
+        frozen_total = sum(p.numel() for p in self.parameters() if id(p) in frozen)
+        return trainable, total - frozen_total
 
     def add_frozen(self, name: str, model: torch.nn.Module, reloadable: bool = True) -> torch.nn.Module:
         """Register ``model`` as the frozen attribute ``name`` (reference, reward model).
@@ -110,16 +143,31 @@ class RLHFSystem(L.LightningModule):
     def _reloaded_prefixes(self) -> tuple[str, ...]:
         return tuple(f"{name}." for name, reloadable in self._frozen.items() if reloadable)
 
+    def _reloaded_base_keys(self) -> set[str]:
+        """The frozen base weights of LoRA models, when the base reloads from an export (``model``)."""
+        if self.lora is None or self.hparams.get("model") is None:
+            return set()
+        frozen = tuple(f"{name}." for name in self._frozen)
+        return {
+            name
+            for name, p in self.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and not (frozen and name.startswith(frozen))
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = self._reloaded_prefixes()
+        base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]
-        for key in [k for k in state if prefixes and k.startswith(prefixes)]:
+        for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = tuple(f"{name}." for name in self._frozen)
+        base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]
-        missing = [k for k in self.state_dict() if not (frozen and k.startswith(frozen)) and k not in state]
+        missing = [
+            k for k in self.state_dict() if not (frozen and k.startswith(frozen)) and k not in base and k not in state
+        ]
         if missing:
             raise KeyError(f"checkpoint lacks trainable weights, e.g. {missing[:3]}")
 
@@ -129,10 +177,19 @@ class RLHFSystem(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement export_model")
 
     def export_hf(self, path: str | Path) -> Path:
-        """``save_pretrained`` the exported model and the tokenizer (the hand-off to the next stage)."""
+        """``save_pretrained`` the exported model and the tokenizer (the hand-off to the next stage).
+
+        With LoRA: merged weights (a plain model: the next stage's base and reference is
+        this one), or the adapter alone on top of this stage's ``model`` when ``lora.export``
+        is ``adapter``.
+        """
         model = self.export_model()
         check_finite_weights(model, f"{type(self).__name__} to {path}")
-        return save_hf(model, self.tokenizer, path)
+        if self.lora is not None and self.lora.export == "adapter":
+            path = save_adapter(model, path, self.hparams.get("model"))
+            self.tokenizer.save_pretrained(str(path))
+            return path
+        return save_hf(merged_copy(model), self.tokenizer, path)
 
 
 class PolicySystem(RLHFSystem):
@@ -175,6 +232,28 @@ class PolicySystem(RLHFSystem):
     def load_frozen_lm(self, name_or_path: str) -> torch.nn.Module:
         """A causal LM from an export, for a frozen role (register it with ``add_frozen``)."""
         return load_causal_lm(name_or_path, self.tokenizer, trust_remote_code=self.trust_remote_code)
+
+    @property
+    def reference_is_base(self) -> bool:
+        """Whether the reference is the policy with its adapter off: LoRA, and no other reference named.
+
+        The policy's base is what it was loaded from (an export is merged weights, an
+        adapter-only export is merged on loading), so that base is the right reference.
+        """
+        ref = self.hparams.get("ref_model")
+        return has_lora(self.policy) and (ref is None or ref == self.model_name)
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference to score with: ``ref_policy``, or the policy with its adapter off."""
+        ref = getattr(self, "ref_policy", None)
+        if ref is not None:
+            yield ref
+        elif self.reference_is_base:
+            with adapter_disabled(self.policy) as base:
+                yield base
+        else:
+            raise RuntimeError(f"{type(self).__name__} has no reference model")
 
     def export_model(self) -> torch.nn.Module:
         return self.policy

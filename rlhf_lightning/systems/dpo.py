@@ -28,7 +28,7 @@ from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.importing import import_callable, import_path
 from rlhf_lightning.logprobs import sequence_logprobs
 from rlhf_lightning.losses import dpo_loss
-from rlhf_lightning.models import response_logprobs
+from rlhf_lightning.models import LoraSettings, response_logprobs
 from rlhf_lightning.systems.base import PolicySystem
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,15 @@ class DPOModule(PolicySystem):
         lr_scheduler: LRSchedulerCallable | None = None,
         trust_remote_code: bool = False,
         sampling: SamplingConfig | None = None,
+        lora: LoraSettings | None = None,
     ):
         """
         Args:
             model: the policy's starting point (the SFT export, a hub name).
             model_config: build the policy from scratch instead (tests, toy runs).
             ref_model: the frozen reference; default: a second copy of ``model`` (or of
-                the freshly built policy when ``model_config`` is used).
+                the freshly built policy when ``model_config`` is used), or with ``lora``
+                the policy itself with its adapter off (no copy).
             loss_fn: the preference loss, e.g. ``rlhf_lightning.losses.ipo_loss`` in YAML.
             beta: passed to ``loss_fn`` (strength of the implicit KL constraint).
             loss_kwargs: extra keyword arguments of ``loss_fn`` (``label_smoothing``, ``gamma``).
@@ -88,6 +90,7 @@ class DPOModule(PolicySystem):
             disable_dropout: zero every dropout probability in policy and reference.
             gradient_checkpointing: recompute the policy's activations in backward
                 (less memory, about a third more compute).
+            lora: train LoRA adapters instead of every weight (``models.LoraSettings``).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "loss_fn"])
@@ -115,6 +118,8 @@ class DPOModule(PolicySystem):
 
     def _load_reference(self) -> None:
         hp = self.hparams
+        if self.reference_is_base:
+            return  # the policy with its adapter off (PolicySystem.reference)
         if self.ref_reloadable:
             ref = self.load_frozen_lm(hp.ref_model or hp.model)
         elif self.policy is not None and self.global_step == 0:
@@ -132,7 +137,7 @@ class DPOModule(PolicySystem):
         it, so any order or batch size works. Under several ranks every rank scores the
         whole set (simple; the reference pass is cheap next to training).
         """
-        if self.ref_policy is None:
+        if self.ref_policy is None and not self.reference_is_base:
             self._load_reference()
             self.ref_policy.to(self.device)
         for split, loader in loaders.items():
@@ -141,7 +146,8 @@ class DPOModule(PolicySystem):
                 if "index" not in batch:
                     raise KeyError("precompute_ref_logps needs batches with an 'index' (PreferenceDataModule)")
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                logps = sequence_logps(self.ref_policy, batch, self.length_normalized)  # (2B,)
+                with self.reference() as ref:
+                    logps = sequence_logps(ref, batch, self.length_normalized)  # (2B,)
                 indices.append(batch["index"])
                 values.append(torch.stack(logps.chunk(2), dim=-1))  # (B, 2)
             if not indices:
@@ -184,10 +190,10 @@ class DPOModule(PolicySystem):
         if cache is not None and "index" in batch:
             pair = cache[batch["index"]]  # (B, 2)
             return torch.cat([pair[:, 0], pair[:, 1]])  # (2B,)
-        if self.ref_policy is None:
+        if self.ref_policy is None and not self.reference_is_base:
             raise RuntimeError(f"no cached reference log-probs for split {split!r} and no reference model")
-        with torch.no_grad():
-            return sequence_logps(self.ref_policy, batch, self.length_normalized)
+        with torch.no_grad(), self.reference() as ref:
+            return sequence_logps(ref, batch, self.length_normalized)
 
     # ----------------------------------------------------------------------------- steps
     def _loss(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

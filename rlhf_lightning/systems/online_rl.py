@@ -39,7 +39,7 @@ from rlhf_lightning import logprobs as lp
 from rlhf_lightning import losses
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.generation import SamplingConfig, decode_responses, warn_if_truncated
-from rlhf_lightning.models import load_reward_model
+from rlhf_lightning.models import LoraSettings, load_reward_model
 from rlhf_lightning.rl.critics import SeparateCritic, ValueHeadCritic
 from rlhf_lightning.rl.engine import RolloutEngine
 from rlhf_lightning.rl.estimators import EstimatorSettings, get_estimator
@@ -101,6 +101,7 @@ class OnlineRLModule(PolicySystem):
         reuse_rollout_forward: bool = True,
         sample_log_every_n_steps: int = 10,
         trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
     ):
         """
         Args:
@@ -141,6 +142,9 @@ class OnlineRLModule(PolicySystem):
             gradient_checkpointing: recompute activations of the policy and critic in backward.
             reuse_rollout_forward: take the rollout-time log-probs and values from the first
                 learning forward when the buffer is one minibatch of one micro-batch.
+            lora: LoRA adapters on the policy and the separate critic (whose score head trains
+                in full) instead of full fine-tuning; the reference is then the policy with its
+                adapter off, unless ``ref_model`` names another model.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -173,7 +177,8 @@ class OnlineRLModule(PolicySystem):
     def build_models(self) -> None:
         hp = self.hparams
         self.policy = self.load_policy()
-        self.add_frozen("ref_policy", self.load_frozen_lm(hp.ref_model or hp.model))
+        if not self.reference_is_base:
+            self.add_frozen("ref_policy", self.load_frozen_lm(hp.ref_model or hp.model))
         if hp.reward_model is not None:
             self.add_frozen("reward_model", self._load_scorer(hp.reward_model))
         if self.estimator.needs_values and hp.shared_value_head:

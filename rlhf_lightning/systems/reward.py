@@ -21,7 +21,7 @@ from torchmetrics.classification import BinaryAccuracy
 from rlhf_lightning.data.collate import SFTCollator, tokenize_sft
 from rlhf_lightning.data.records import load_examples
 from rlhf_lightning.losses import pairwise_loss
-from rlhf_lightning.models import REWARD_BIAS_KEY, REWARD_GAIN_KEY, RewardModel, build_reward_model
+from rlhf_lightning.models import REWARD_BIAS_KEY, REWARD_GAIN_KEY, LoraSettings, RewardModel, build_reward_model
 from rlhf_lightning.systems.base import RLHFSystem
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class RewardModule(RLHFSystem):
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
     ):
         """
         Args:
@@ -62,6 +63,8 @@ class RewardModule(RLHFSystem):
             disable_dropout: zero every dropout, so chosen and rejected see the same network.
             gradient_checkpointing: trade compute for memory on large backbones.
             trust_remote_code: passed to the model and tokenizer loaders.
+            lora: LoRA adapters on the backbone, the score head trained in full. The export
+                is merged (the score normalisation travels in its ``config.json``).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -69,6 +72,10 @@ class RewardModule(RLHFSystem):
             raise ValueError("set exactly one of model (SFT export, hub name or path) or model_config")
         if tokenizer is None and model is None:
             raise ValueError("a model built from model_config needs a tokenizer path")
+        if LoraSettings.coerce(lora) is not None and LoraSettings.coerce(lora).export != "merged":
+            raise ValueError(
+                "reward exports are merged (lora.export: merged): their normalisation lives in config.json"
+            )
         self._setup(tokenizer or model, optimizer, lr_scheduler, trust_remote_code)
         self.reward_model: RewardModel | None = None
         # Pairs ranked correctly over the whole validation split (reduced across ranks).

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.losses import sft_loss
-from rlhf_lightning.models import causal_lm_logits
+from rlhf_lightning.models import LoraSettings, causal_lm_logits
 from rlhf_lightning.systems.base import PolicySystem
 
 
@@ -32,7 +32,10 @@ class SFTModule(PolicySystem):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         sampling: SamplingConfig | None = None,
+        lora: LoraSettings | None = None,
     ):
+        """``lora``: train LoRA adapters instead of every weight (``models.LoraSettings``); the
+        export is then the merged model unless ``lora.export`` is ``adapter``."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self._setup_policy(model, model_config, tokenizer, optimizer, lr_scheduler, trust_remote_code, sampling)
