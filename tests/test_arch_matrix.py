@@ -137,3 +137,17 @@ def test_generation_both_engines(arch, tokenizer):
         assert gen.response_mask[:, 0].all() and (gen.response_ids < len(tokenizer)).all()
         assert (gen.response_ids[gen.response_mask == 0] == pad).all()
     assert not model.training
+
+
+def test_gemma2_soft_capping_changes_the_logits(tokenizer):
+    # The log-prob checks above compare with the model's own logits; they guard a path that computes
+    # logits from hidden states (chunked log-probs) only if Gemma 2's final soft-capping moves them.
+    torch.manual_seed(0)
+    model = load_causal_lm(None, tokenizer, model_config=dict(ARCH_CONFIGS["gemma2"])).eval()
+    ids, mask = padded(tokenizer, "right")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        uncapped = model.get_output_embeddings()(out.hidden_states[-1])  # (3, T, V)
+    assert (out.logits.abs() <= ARCH_CONFIGS["gemma2"]["final_logit_softcapping"]).all()
+    gap = (uncapped.log_softmax(-1) - out.logits.log_softmax(-1)).abs().max()
+    assert gap > 1e-3, gap  # a hundred times the tolerance of those checks (1e-5)
