@@ -124,8 +124,9 @@ def test_chat_messages_use_chat_template(tmp_path, data_tokenizer):
     ]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
     (sft,) = load_examples(path, "sft", data_tokenizer)
-    # the template writes "<role>: <content>\n" per turn, then "assistant:"
-    assert sft == SFTExample("system: be kind\nuser: tell me a joke\nassistant:", "why did the cat sit?")
+    # the template writes "<role>: <content>\n" per turn, then "assistant:"; the space it writes
+    # between "assistant:" and the reply belongs to the response (prompt + response = the rendering)
+    assert sft == SFTExample("system: be kind\nuser: tell me a joke\nassistant:", " why did the cat sit?")
     (prompt,) = load_examples(write_jsonl(path, [{"messages": msgs[:2]}]), "prompt", data_tokenizer)
     assert prompt == PromptExample("system: be kind\nuser: tell me a joke\nassistant:")
     with pytest.raises(RecordError, match="must not be from the assistant"):
@@ -201,8 +202,8 @@ def test_conversational_preferences(tmp_path, data_tokenizer):
     ]
     examples = load_examples(write_jsonl(tmp_path / "c.jsonl", records), "preference", data_tokenizer)
     assert examples == [
-        PreferenceExample("user: hi\nassistant:", "hello", "go", 2.0),
-        PreferenceExample("user: hi\nassistant:", "hello", "go", None),
+        PreferenceExample("user: hi\nassistant:", " hello", " go", 2.0),
+        PreferenceExample("user: hi\nassistant:", " hello", " go", None),
     ]
 
 

@@ -21,14 +21,20 @@ def _prompt_ids(prompt: str, tokenizer: Any, max_prompt_length: int) -> tuple[li
     """Token ids of ``prompt`` with special tokens, left-truncated to ``max_prompt_length``.
 
     A leading BOS survives truncation (the model was trained to see it first), and a
-    doubled BOS (chat templates that already write one) is collapsed to one.
+    doubled BOS (chat templates that already write one) is collapsed to one. An EOS that
+    the tokenizer appends to every text (``add_eos_token``) is dropped: the response
+    follows the prompt, it does not end the sequence.
     """
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    bos = tokenizer.bos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
         ids = ids[1:]
+    if eos is not None and len(ids) >= 2 and ids[-1] == eos:
+        plain = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if ids[-1 - len(plain) : -1] == plain:  # this EOS is the tokenizer's, not the prompt's own text
+            ids = ids[:-1]
     if len(ids) <= max_prompt_length:
         return ids, False
     if bos is not None and ids[0] == bos and max_prompt_length > 1:

@@ -210,12 +210,40 @@ def _messages(value: Any, key: str, loc: Location) -> list[dict]:
     return out
 
 
-def _chat_prompt(messages: list[dict], tokenizer: Any, loc: Location) -> str:
-    """Render prompt messages with the tokenizer's chat template, opening the assistant turn."""
+def _render(messages: list[dict], tokenizer: Any, loc: Location, add_generation_prompt: bool) -> str:
+    """``messages`` rendered as text by the tokenizer's chat template."""
+    from jinja2.exceptions import TemplateError
+
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         # A configuration problem, not a bad record: never skipped by strict=False.
         raise ValueError(f"{loc}: chat-format records need a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:  # e.g. "System role not supported", roles that do not alternate
+        roles = ", ".join(m["role"] for m in messages)
+        raise RecordError(loc, f"the tokenizer's chat template rejects these messages ({roles}): {err}") from None
+
+
+def _chat_prompt(messages: list[dict], tokenizer: Any, loc: Location) -> str:
+    """Render prompt messages with the tokenizer's chat template, opening the assistant turn."""
+    return _render(messages, tokenizer, loc, add_generation_prompt=True)
+
+
+def _chat_example(prompt_messages: list[dict], reply: str, tokenizer: Any, loc: Location) -> tuple[str, str]:
+    """``(prompt, response)`` texts of a chat whose last turn, ``reply``, is the assistant's.
+
+    The prompt is rendered with the assistant turn opened (as for generation). Whatever the
+    template writes between that opening and the reply's text (a space, a newline) belongs
+    to the response, so that prompt + response is exactly the template's rendering of the
+    conversation up to the end of the reply and the model learns what it will be asked to
+    continue. What the template writes after the reply (end-of-turn markers) is left out:
+    the data layer appends EOS. A template whose full rendering does not extend the prompt
+    rendering gets the reply's text as it is.
+    """
+    prompt = _chat_prompt(prompt_messages, tokenizer, loc)
+    full = _render([*prompt_messages, {"role": "assistant", "content": reply}], tokenizer, loc, False)
+    at = full.find(reply, len(prompt)) if full.startswith(prompt) else -1
+    return prompt, full[len(prompt) : at + len(reply)] if at >= 0 else reply
 
 
 def _split_reply(messages: list[dict], key: str, loc: Location) -> tuple[list[dict], str]:
@@ -232,7 +260,7 @@ def parse_sft(record: dict, location: Location, tokenizer: Any = None) -> SFTExa
     assistant; the others rendered with the tokenizer's chat template) into an SFTExample."""
     if "messages" in record:
         prompt_msgs, response = _split_reply(_messages(record["messages"], "messages", location), "messages", location)
-        return SFTExample(_chat_prompt(prompt_msgs, tokenizer, location), response)
+        return SFTExample(*_chat_example(prompt_msgs, response, tokenizer, location))
     if "prompt" not in record:
         raise RecordError(location, f"expected keys 'prompt' and 'response', or 'messages'; got {sorted(record)}")
     return SFTExample(_string(record, "prompt", location), _string(record, "response", location))
@@ -291,7 +319,9 @@ def parse_preference(record: dict, location: Location, tokenizer: Any = None) ->
             raise RecordError(location, "no shared prompt: chosen and rejected must share every message but the last")
         if chosen == rejected:
             raise RecordError(location, "chosen and rejected are identical")
-        return PreferenceExample(_chat_prompt(c_prompt, tokenizer, location), chosen, rejected, margin)
+        rendered, chosen = _chat_example(c_prompt, chosen, tokenizer, location)
+        _, rejected = _chat_example(c_prompt, rejected, tokenizer, location)
+        return PreferenceExample(rendered, chosen, rejected, margin)
     chosen, rejected = _string(record, "chosen", location), _string(record, "rejected", location)
     if prompt is None:
         return PreferenceExample(*split_hh_transcript(chosen, rejected, location), margin)

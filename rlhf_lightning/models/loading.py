@@ -40,14 +40,22 @@ def load_tokenizer(
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; set one before training")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        old = tok.pad_token
+        problem = (
+            "has no pad token"
+            if tok.pad_token is None
+            else f"pads with its EOS token {tok.eos_token!r}, which would hide every EOS among the padding and "
+            "keep the model from learning to stop"
+        )
+        n = len(tok)
         tok.add_special_tokens({"pad_token": "<pad>"})
+        grown = f"; a model with fewer than {len(tok)} embedding rows is resized to match" if len(tok) > n else ""
         log.warning(
-            "tokenizer %s: pad token was %r (missing or equal to EOS); added a dedicated %r (id %d)",
+            "tokenizer %s %s: added a dedicated pad token %r (id %d)%s",
             name_or_path,
-            old,
+            problem,
             tok.pad_token,
             tok.pad_token_id,
+            grown,
         )
     tok.padding_side = padding_side
     return tok

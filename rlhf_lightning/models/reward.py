@@ -136,7 +136,9 @@ def build_reward_model(
         finally:
             hf_logging.set_verbosity(verbosity)
         missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
-        unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+        # The LM head is whatever lies outside the backbone: lm_head, GPT-NeoX's embed_out, ...
+        backbone = f"{model.base_model_prefix}."
+        unexpected = [k for k in info["unexpected_keys"] if k.startswith(backbone)]
         if missing or unexpected or info["mismatched_keys"]:
             log.warning(
                 "%s: backbone weights missing %s, unexpected %s, mismatched %s",
