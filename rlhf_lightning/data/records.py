@@ -10,40 +10,35 @@ and can skip (and count) bad records instead of failing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from rlhf_lightning.data.reading import JSONL_SUFFIXES, Location, RecordError, iter_records, read_records
 
 log = logging.getLogger(__name__)
 
+# Reading lives in data/reading.py; these names stay importable from here.
+__all__ = [
+    "JSONL_SUFFIXES",
+    "Location",
+    "PreferenceExample",
+    "PromptExample",
+    "RecordError",
+    "SFTExample",
+    "load_examples",
+    "parse_preference",
+    "parse_prompt",
+    "parse_sft",
+    "read_records",
+    "split_hh_transcript",
+]
+
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a record came from: ``file`` and ``line`` (1-based int for JSON Lines, or
-    ``"record N"`` with a 0-based index for JSON arrays, Parquet and ``datasets`` rows)."""
-
-    file: str
-    line: int | str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
-class RecordError(ValueError):
-    """A record that cannot be used; the message is always ``"{file}:{line}: {problem}"``."""
-
-    def __init__(self, location: Location, problem: str):
-        self.location, self.problem = location, problem
-        super().__init__(f"{location.file}:{location.line}: {problem}")
 
 
 @dataclass
@@ -70,108 +65,6 @@ class PromptExample:
     """A prompt to generate from (PPO rollouts, evaluation, prediction)."""
 
     prompt: str
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _jsonl_records(text: str, file: str) -> Iterator[tuple[Location, dict | RecordError]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        loc = Location(file, number)
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield loc, RecordError(loc, f"line is not valid JSON ({err.msg} at column {err.colno})")
-            continue
-        if not isinstance(value, dict):
-            yield loc, RecordError(loc, f"expected a JSON object, got {type(value).__name__}")
-        else:
-            yield loc, value
-
-
-def _json_records(path: Path, file: str) -> Iterator[tuple[Location, dict | RecordError]]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None  # not one JSON document: read it as JSON Lines
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            loc = Location(file, f"record {index}")
-            ok = isinstance(item, dict)
-            yield loc, item if ok else RecordError(loc, f"expected a JSON object, got {type(item).__name__}")
-    elif value is None or (isinstance(value, dict) and len(text.strip().splitlines()) == 1):
-        yield from _jsonl_records(text, file)
-    else:
-        loc = Location(file, 1)
-        yield loc, RecordError(loc, f"expected a JSON array of objects or JSON Lines, got one {type(value).__name__}")
-
-
-def _parquet_records(path: Path, file: str) -> Iterator[tuple[Location, dict]]:
-    import pyarrow.parquet as pq
-
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield Location(file, f"record {index}"), row
-            index += 1
-
-
-def _datasets_records(source: str, split: str, local: bool) -> Iterator[tuple[Location, dict]]:
-    import datasets
-
-    if local and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{source}: no split {split!r} (splits: {sorted(ds)})")
-            ds = ds[split]
-    else:  # a hub name, or a folder of data files that `load_dataset` understands
-        ds = datasets.load_dataset(source, split=split)
-    for index, row in enumerate(ds):
-        yield Location(source, f"record {index}"), row
-
-
-def _iter_records(source: str | os.PathLike, split: str) -> Iterator[tuple[Location, dict | RecordError]]:
-    """Yield ``(location, record)`` pairs, or ``(location, RecordError)`` for unreadable ones."""
-    file = os.fspath(source)
-    path = Path(file)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES + (".json", ".parquet") and not path.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
-    if suffix in JSONL_SUFFIXES:
-        yield from _jsonl_records(path.read_text(encoding="utf-8"), file)
-    elif suffix == ".json":
-        yield from _json_records(path, file)
-    elif suffix == ".parquet":
-        yield from _parquet_records(path, file)
-    else:
-        yield from _datasets_records(file, split, local=path.is_dir())
-
-
-def read_records(source: str | os.PathLike, split: str = "train") -> Iterator[tuple[Location, dict]]:
-    """Read raw records from a file, a saved ``datasets`` directory or a ``datasets`` name.
-
-    Args:
-        source: a ``.jsonl`` / ``.ndjson`` file (one object per line; blank lines skipped),
-            a ``.json`` file (an array of objects, or JSON Lines), a ``.parquet`` file, a
-            directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
-            or anything else ``datasets.load_dataset`` accepts (a hub name, a data folder).
-        split: the split to read from a ``DatasetDict`` or a hub data set.
-
-    Yields:
-        ``(location, record)`` with ``record`` a dict.
-
-    Raises:
-        RecordError: at the first line that is not valid JSON or not a JSON object.
-        FileNotFoundError: when a path with a data-file suffix does not exist.
-    """
-    for loc, record in _iter_records(source, split):
-        if isinstance(record, RecordError):
-            raise record
-        yield loc, record
 
 
 # ----------------------------------------------------------------------------- validation
@@ -206,6 +99,8 @@ def _messages(value: Any, key: str, loc: Location) -> list[dict]:
             raise RecordError(loc, f"{where}: {err.problem}") from None
         if role not in ROLES:
             raise RecordError(loc, f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "assistant" and out and out[-1]["role"] == "assistant":
+            raise RecordError(loc, f"{where}: two assistant turns in a row ({key}[{i - 1}] and {key}[{i}])")
         out.append({"role": role, "content": content})
     return out
 
@@ -323,6 +218,8 @@ def parse_preference(record: dict, location: Location, tokenizer: Any = None) ->
         _, rejected = _chat_example(c_prompt, rejected, tokenizer, location)
         return PreferenceExample(rendered, chosen, rejected, margin)
     chosen, rejected = _string(record, "chosen", location), _string(record, "rejected", location)
+    if "prompt" in record and prompt is None:
+        raise RecordError(location, "field 'prompt' is null (leave the key out for Anthropic-HH transcripts)")
     if prompt is None:
         return PreferenceExample(*split_hh_transcript(chosen, rejected, location), margin)
     prompt = _string(record, "prompt", location)
@@ -372,7 +269,7 @@ def load_examples(
         raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(PARSERS)}")
     parse = PARSERS[kind]
     examples, skipped = [], []
-    for loc, record in _iter_records(source, split):
+    for loc, record in iter_records(source, split):
         try:
             if isinstance(record, RecordError):
                 raise record

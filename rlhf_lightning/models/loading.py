@@ -26,6 +26,38 @@ from rlhf_lightning.models.adapters import is_adapter_dir, load_merged
 log = logging.getLogger(__name__)
 
 
+def check_source(
+    name_or_path: str | os.PathLike,
+    what: str = "model",
+    needs: tuple[str, ...] = ("config.json", "adapter_config.json"),
+) -> None:
+    """Fail with an actionable message when ``name_or_path`` is meant as a local export but is not one.
+
+    A string that exists on disk, or that cannot be a hub id (an absolute or ``./`` path,
+    more than one ``/``), is a local path: it must be a directory holding ``needs``. Hub
+    names (``org/name``) are left to ``from_pretrained``. ``needs``: at least one of these files.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    looks_local = path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep * 2 in text
+    if not looks_local:
+        return
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} path {text} does not exist. It should be an export directory (config.json, weights, "
+            "tokenizer) written by an earlier stage (<stage dir>/hf); run that stage first or fix the path."
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} path {text} is a file; give the export directory that holds it")
+    if not any(path.iterdir()):
+        raise FileNotFoundError(f"{what} directory {text} is empty: the stage that writes it has not finished")
+    if needs and not any((path / name).exists() for name in needs):
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:8])
+        raise FileNotFoundError(
+            f"{what} directory {text} holds no {' or '.join(needs)} (it has: {present}); is it an export?"
+        )
+
+
 def load_tokenizer(
     name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"
 ) -> PreTrainedTokenizerBase:
@@ -36,6 +68,7 @@ def load_tokenizer(
     ``resize_for_tokenizer``). Pad == EOS would mask every EOS out of the loss, and the
     model would never learn to stop.
     """
+    check_source(name_or_path, "tokenizer", needs=("tokenizer_config.json", "tokenizer.json", "config.json"))
     tok = AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; set one before training")
@@ -99,6 +132,8 @@ def load_causal_lm(
     """A causal LM from a hub name / local directory, or built fresh from ``model_config``."""
     if (name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of a model name/path or a model_config")
+    if name_or_path is not None:
+        check_source(name_or_path, "model")
     if is_adapter_dir(name_or_path):
         log.info("%s is an adapter-only export: loading its base with the adapter merged in", name_or_path)
         model = load_merged(name_or_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code, dtype=dtype)

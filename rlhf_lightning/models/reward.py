@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf_lightning.models.adapters import is_adapter_dir, load_merged
 from rlhf_lightning.models.forward import last_token_index, position_ids_from_mask
-from rlhf_lightning.models.loading import build_config, resize_for_tokenizer
+from rlhf_lightning.models.loading import build_config, check_source, resize_for_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def build_reward_model(
         finally:
             hf_logging.set_verbosity(verbosity)
     elif name_or_path is not None:
+        check_source(name_or_path, "model")
         # A causal LM's lm_head is dropped and the score head is new: transformers reports both
         # as a loading problem. Expected here, so check the other keys ourselves instead.
         verbosity = hf_logging.get_verbosity()
@@ -163,6 +164,7 @@ def load_reward_model(path: str | Path, normalize: bool = True, trust_remote_cod
     The normalisation stored in its config (``rlhf_reward_gain``/``rlhf_reward_bias``) is
     applied by ``forward`` unless ``normalize=False``.
     """
+    check_source(path, "reward model")
     model = AutoModelForSequenceClassification.from_pretrained(
         os.fspath(path), num_labels=1, trust_remote_code=trust_remote_code
     )

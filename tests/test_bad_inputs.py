@@ -1,0 +1,103 @@
+"""Bad inputs a user can act on: each error names the file, the line where there is one, and the problem."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from rlhf_lightning.data.records import RecordError, load_examples
+from rlhf_lightning.models import load_causal_lm, load_tokenizer
+from rlhf_lightning.models.reward import load_reward_model
+
+
+def write(path, lines: list[bytes | str]) -> str:
+    path.write_bytes(b"".join((x.encode() if isinstance(x, str) else x) + b"\n" for x in lines))
+    return str(path)
+
+
+GOOD = json.dumps({"prompt": "The movie was", "response": " fine."})
+
+
+# ----------------------------------------------------------------------------- files
+def test_non_utf8_line_names_file_line_and_byte(tmp_path):
+    f = write(tmp_path / "d.jsonl", [GOOD, b'{"prompt": "caf\xe9", "response": " ok"}', GOOD])
+    with pytest.raises(RecordError, match=r"d\.jsonl:2: line is not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        load_examples(f, "sft")
+
+
+def test_non_utf8_line_is_skipped_and_counted_when_not_strict(tmp_path, caplog):
+    f = write(tmp_path / "d.jsonl", [GOOD, b"\xff\xfe", GOOD])
+    with caplog.at_level(logging.WARNING):
+        assert len(load_examples(f, "sft", strict=False)) == 2
+    assert "skipped 1 bad records" in caplog.text and "d.jsonl:2" in caplog.text
+
+
+def test_non_utf8_in_a_json_file_names_the_line(tmp_path):
+    f = write(tmp_path / "d.json", [GOOD, b'{"prompt": "\xc3", "response": " x"}'])
+    with pytest.raises(RecordError, match=r"d\.json:2: line is not valid UTF-8"):
+        load_examples(f, "sft")
+
+
+def test_json_lines_under_another_extension_are_read_by_content(tmp_path):
+    f = write(tmp_path / "data.txt", [GOOD, GOOD])
+    assert len(load_examples(f, "sft")) == 2
+
+
+def test_json_array_under_another_extension_is_read_by_content(tmp_path):
+    f = tmp_path / "data.dat"
+    f.write_text(json.dumps([json.loads(GOOD)] * 3))
+    assert len(load_examples(str(f), "sft")) == 3
+
+
+def test_unrecognisable_content_says_which_formats_are_read(tmp_path):
+    f = write(tmp_path / "notes.txt", ["prompt,response", "a,b"])
+    with pytest.raises(ValueError, match=r"notes\.txt: cannot tell the data format .* save it as \.jsonl"):
+        load_examples(f, "sft")
+
+
+def test_missing_jsonl_file_is_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: no such file"):
+        load_examples(str(tmp_path / "missing.jsonl"), "sft")
+
+
+# ----------------------------------------------------------------------------- records
+def test_null_prompt_in_a_preference_record_is_a_null_prompt_error(tmp_path):
+    f = write(tmp_path / "p.jsonl", [json.dumps({"prompt": None, "chosen": "a", "rejected": "b"})])
+    with pytest.raises(RecordError, match=r"p\.jsonl:1: field 'prompt' is null"):
+        load_examples(f, "preference")
+
+
+def test_two_assistant_turns_in_a_row_are_an_error(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
+    chat += [{"role": "assistant", "content": "b"}]
+    f = write(tmp_path / "c.jsonl", [json.dumps({"messages": chat})])
+    with pytest.raises(RecordError, match=r"c\.jsonl:1: messages\[2\]: two assistant turns in a row"):
+        load_examples(f, "sft")
+
+
+# ----------------------------------------------------------------------------- exports
+def test_missing_export_directory_says_which_stage_writes_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"runs/x/sft/hf does not exist.*written by an earlier stage"):
+        load_tokenizer("runs/x/sft/hf")
+
+
+def test_empty_model_directory_says_it_is_empty(tmp_path, tokenizer):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model directory .*hf is empty"):
+        load_causal_lm(str(tmp_path / "hf"), tokenizer)
+
+
+def test_directory_without_config_lists_what_it_holds(tmp_path):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "weights.bin").write_bytes(b"0")
+    with pytest.raises(FileNotFoundError, match=r"reward model directory .*rm holds no config\.json.*weights\.bin"):
+        load_reward_model(str(tmp_path / "rm"))
+
+
+def test_a_file_given_as_model_directory(tmp_path, tokenizer):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"0")
+    with pytest.raises(NotADirectoryError, match="is a file; give the export directory"):
+        load_causal_lm(str(f), tokenizer)
