@@ -1,6 +1,7 @@
 """Modelling: loading, the reward model and value head, preparation, and the shared forward passes."""
 
 from rlhf_lightning.models.forward import (
+    DEFAULT_CHUNK_SIZE,
     ResponseOutputs,
     causal_lm_logits,
     last_token_index,
@@ -26,6 +27,7 @@ from rlhf_lightning.models.reward import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "REWARD_BIAS_KEY",
     "REWARD_GAIN_KEY",
     "ResponseOutputs",

@@ -54,14 +54,16 @@ class RolloutEngine:
             s.logprob_temperature,
             with_entropy=with_entropy,
             with_hidden=critic is not None and critic.needs_hidden,
+            chunk_size=s.hparams.logprob_chunk_size,
         )
         values = None if critic is None else critic.values(ids, mask, r.query_width, out.hidden)  # (B, A)
         return out, values
 
     def ref_logprobs(self, r: Rollout) -> torch.Tensor:
         ids, mask = r.sequences()  # (B, Q+A)
+        s = self.system
         return response_logprobs(
-            self.system.ref_policy, ids, mask, r.query_width, self.system.logprob_temperature
+            s.ref_policy, ids, mask, r.query_width, s.logprob_temperature, chunk_size=s.hparams.logprob_chunk_size
         ).logprobs  # (B, A)
 
     @torch.no_grad()
