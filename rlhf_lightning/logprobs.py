@@ -169,7 +169,7 @@ def chunked_token_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`token_logprobs` (and :func:`entropy_from_logits`) of a linear LM head, without the full logits.
