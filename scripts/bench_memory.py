@@ -18,8 +18,10 @@ Memory: every (task, variant) runs in a fresh subprocess; it builds the model an
 runs one warm-up step (AdamW state exists afterwards), then measures the second step:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident-set high-water mark
 (``VmHWM``, reset through ``/proc/self/clear_refs``; large blocks are mmapped so freed
-memory leaves the RSS). Reported: the peak, and the step's working memory (peak minus
-what was resident before the step: weights, gradients, optimizer state).
+memory leaves the RSS). Reported, in MiB: ``learn``, the peak of the learning pass
+(forward + backward, what the log-prob path changes), and ``step``, the peak of the whole
+step with AdamW's update; each also minus what was resident before the step (weights
+and optimizer state), i.e. the pass's working memory.
 Throughput: steps/s after warm-up on the 4k-vocabulary model, best of ``--repeat`` rounds.
 """
 
@@ -88,7 +90,7 @@ def make_batches(task: str, vocab: int, args, device: str, seed: int = 0) -> dic
 
 
 def make_step(task: str, vocab: int, chunk: int | None, args, device: str):
-    """A closure running one learning step, and the models it holds."""
+    """Two closures: the learning pass (forward + backward) and the optimizer update."""
     policy = build(vocab, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     batch = make_batches(task, vocab, args, device)
@@ -96,29 +98,27 @@ def make_step(task: str, vocab: int, chunk: int | None, args, device: str):
         ref = freeze(build(vocab, device))
         n = args.batch
 
-        def step() -> float:
+        def learn() -> None:
             logps = sequence_logps(policy, batch, chunk_size=chunk)  # (2B,)
             with torch.no_grad():
                 ref_logps = sequence_logps(ref, batch, chunk_size=chunk)  # (2B,)
             loss, _ = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=0.1)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss)
 
-        return step, (policy, ref)
+    else:
+        mask = torch.ones_like(batch["advantages"])  # (B, A)
 
-    mask = torch.ones_like(batch["advantages"])  # (B, A)
+        def learn() -> None:
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+            out = response_logprobs(policy, ids, attn, args.prompt_len, chunk_size=chunk)  # (B, A)
+            loss, _ = ppo_policy_loss(out.logprobs, batch["old_logprobs"], batch["advantages"], mask)
+            loss.backward()
 
-    def step() -> float:
-        out = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], args.prompt_len, chunk_size=chunk)
-        loss, _ = ppo_policy_loss(out.logprobs, batch["old_logprobs"], batch["advantages"], mask)
-        loss.backward()
+    def update() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
 
-    return step, (policy,)
+    return learn, update
 
 
 def chunk_of(variant: str, chunk_size: int) -> int | None:
@@ -133,27 +133,43 @@ def rss_mib(field: str) -> float:
 
 
 def measure_memory(task: str, variant: str, args) -> dict:
-    """One fresh process: warm-up step, then the peak of the second step."""
-    step, _ = make_step(task, args.vocab, chunk_of(variant, args.chunk_size), args, args.device)
-    step()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        base = rss_mib("VmRSS:")
+    """One fresh process: warm-up step, then the peaks of the second step's two phases."""
+    learn, update = make_step(task, args.vocab, chunk_of(variant, args.chunk_size), args, args.device)
+    learn()
+    update()
+    cuda = args.device == "cuda"
+
+    def reset() -> float:  # the current footprint, from which the next peak is measured
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated() / 2**20
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        step()
-        peak = rss_mib("VmHWM:")
-    return {"task": task, "variant": variant, "peak_mib": round(peak, 1), "step_mib": round(peak - base, 1)}
+        return rss_mib("VmRSS:")
+
+    def peak() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return rss_mib("VmHWM:")
+
+    base = reset()
+    learn()
+    learn_peak = peak()
+    update()
+    step_peak = max(learn_peak, peak())
+    r = {"learn": learn_peak, "learn_ws": learn_peak - base, "step": step_peak, "step_ws": step_peak - base}
+    return {"task": task, "variant": variant, "base": round(base, 1)} | {k: round(v, 1) for k, v in r.items()}
 
 
 def measure_throughput(task: str, variant: str, args) -> float:
-    step, _ = make_step(task, args.small_vocab, chunk_of(variant, args.chunk_size), args, args.device)
+    learn, update = make_step(task, args.small_vocab, chunk_of(variant, args.chunk_size), args, args.device)
+
+    def step() -> None:
+        learn()
+        update()
+
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step()
@@ -197,7 +213,7 @@ def main() -> None:
     setting = f"llama d=256 x4 layers, {args.batch} x ({args.prompt_len} + {args.response_len}) tokens, fp32"
     print(f"device={args.device} torch={torch.__version__} chunk_size={args.chunk_size}; {setting}")
     if not args.skip_memory:
-        print(f"\npeak memory, vocab {args.vocab} (MiB; step = peak - resident before the step)")
+        print(f"\npeak memory, vocab {args.vocab} (MiB; [working] = peak - resident before the step)")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed blocks go back to the OS
         for task in tasks:
             rows = {}
@@ -205,9 +221,13 @@ def main() -> None:
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", task, variant]
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                 rows[variant] = json.loads(out.strip().splitlines()[-1])
+            plain = rows.get("plain")
             for variant, r in rows.items():
-                ratio = rows["plain"]["step_mib"] / r["step_mib"] if "plain" in rows else float("nan")
-                print(f"  {task} {variant:<10} peak {r['peak_mib']:9.1f}  step {r['step_mib']:9.1f}  ({ratio:.2f}x)")
+                cells = []
+                for k in ("learn", "step"):
+                    x, xw = (plain[k] / r[k], plain[f"{k}_ws"] / r[f"{k}_ws"]) if plain else (float("nan"),) * 2
+                    cells.append(f"{k} {r[k]:7.1f} [{r[f'{k}_ws']:7.1f}] ({x:.2f}x [{xw:.2f}x])")
+                print(f"  {task} {variant:<10} " + "  ".join(cells) + f"  resident before {r['base']:.0f}")
     if not args.skip_throughput:
         print(f"\nthroughput, vocab {args.small_vocab} (steps/s, best of {args.repeat} x {args.steps} steps)")
         for task in tasks:
