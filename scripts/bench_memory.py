@@ -121,7 +121,7 @@ def make_step(task: str, vocab: int, chunk: int | None, args, device: str):
     return learn, update
 
 
-def chunk_of(variant: str, chunk_size: int) -> int | None:
+def chunk_of(variant: str, chunk_size: int | str) -> int | str | None:
     if variant == "checkpoint":
         forward.chunked_token_logprobs = checkpointed_logprobs
     return None if variant == "plain" else chunk_size
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="DPO pairs / PPO samples per step")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-len", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=forward.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--chunk-size", type=lambda s: s if s == "auto" else int(s), default=forward.DEFAULT_CHUNK_SIZE)
     p.add_argument("--variants", default="plain,chunked,checkpoint")
     p.add_argument("--tasks", default="dpo,ppo")
     p.add_argument("--steps", type=int, default=10)

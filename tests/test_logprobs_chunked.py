@@ -180,3 +180,12 @@ def test_unreproducible_logits_fall_back_to_plain():
     out = response_logprobs(model, ids, mask, 4, chunk_size=5)
     plain = response_logprobs(model, ids, mask, 4, chunk_size=None)
     torch.testing.assert_close(out.logprobs, plain.logprobs)
+
+
+def test_auto_chunk_rows_bound_the_logits():
+    from rlhf_lightning.models.forward import LOGITS_PER_CHUNK, chunk_rows
+
+    assert chunk_rows("auto", 128256) == LOGITS_PER_CHUNK // 128256 == 261  # 2^25 / 128256
+    assert chunk_rows("auto", 4096) == 8192 and chunk_rows(300, 4096) == 300
+    with pytest.raises(ValueError):
+        chunk_rows(0, 4096)

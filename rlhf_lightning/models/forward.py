@@ -27,7 +27,17 @@ from rlhf_lightning.logprobs import chunked_token_logprobs, entropy_from_logits,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 512  # rows of (chunk, V) float32 logits at a time (256 MiB at V = 128k); None: off
+DEFAULT_CHUNK_SIZE = "auto"  # rows of logits at a time: "auto", an int, or None (the full logits)
+LOGITS_PER_CHUNK = 2**25  # "auto": rows x V about this (128 MiB of float32): 261 rows at V = 128k, 8192 at 4k
+
+
+def chunk_rows(chunk_size: int | str, vocab_size: int) -> int:
+    """Rows per chunk: ``chunk_size`` itself, or for ``"auto"`` as many as fit ``LOGITS_PER_CHUNK`` logits."""
+    if chunk_size == "auto":
+        return max(1, LOGITS_PER_CHUNK // vocab_size)
+    if isinstance(chunk_size, str) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be 'auto', a positive int or None, got {chunk_size!r}")
+    return chunk_size
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +148,7 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_hidden: bool = False,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
     targets: torch.Tensor | None = None,
 ) -> ResponseOutputs:
     """Log-probs of the tokens ``input_ids[:, response_start:]`` given everything before them.
@@ -162,7 +172,8 @@ def response_logprobs(
         temperature: logits are divided by it before the softmax.
         with_entropy: also return the per-position entropy (a statistic: no graph).
         with_hidden: also return the last layer's hidden states (for a value head).
-        chunk_size: rows of logits per chunk; None computes the full logits.
+        chunk_size: rows of logits per chunk, ``"auto"`` (:func:`chunk_rows`), or None for
+            the full logits.
         targets: ``(B, T)`` token ids to score instead of ``input_ids`` (same columns).
 
     Returns:
@@ -188,7 +199,7 @@ def response_logprobs(
             split.head.bias,
             temperature,
             split.softcap,
-            chunk_size,
+            chunk_rows(chunk_size, split.head.out_features),
             with_entropy,
         )
         return ResponseOutputs(

@@ -38,7 +38,7 @@ def sequence_logps(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     average: bool = False,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """``(N,)`` log-probs of each row's response tokens (``labels != -100``), summed or averaged.
 
@@ -75,7 +75,7 @@ class DPOModule(PolicySystem):
         precompute_ref_logps: bool = False,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         trust_remote_code: bool = False,
@@ -96,7 +96,8 @@ class DPOModule(PolicySystem):
             gradient_checkpointing: recompute the policy's activations in backward
                 (less memory, about a third more compute).
             logprob_chunk_size: log-probs come from the last hidden states this many rows
-                at a time, never the full ``(2B, T, V)`` logits; None: from full logits.
+                at a time (``"auto"``: about 2^25 logits), never the full ``(2B, T, V)``
+                logits; None: from full logits.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "loss_fn"])

@@ -96,7 +96,7 @@ class OnlineRLModule(PolicySystem):
         logprob_temperature: float | None = None,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         reuse_rollout_forward: bool = True,
         sample_log_every_n_steps: int = 10,
         trust_remote_code: bool = False,
@@ -135,7 +135,8 @@ class OnlineRLModule(PolicySystem):
                 sampling temperature (anything else makes ratio and KL refer to another policy).
             gradient_checkpointing: recompute activations of the policy and critic in backward.
             logprob_chunk_size: log-probs and entropy come from the last hidden states this
-                many rows at a time, never the full ``(B, A, V)`` logits; None: from full logits.
+                many rows at a time (``"auto"``: about 2^25 logits), never the full ``(B, A, V)``
+                logits; None: from full logits.
             reuse_rollout_forward: take the rollout-time log-probs and values from the first
                 learning forward when the buffer is one minibatch of one micro-batch.
         """

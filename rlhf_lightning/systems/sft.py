@@ -34,7 +34,7 @@ class SFTModule(PolicySystem):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         trust_remote_code: bool = False,
         sampling: SamplingConfig | None = None,
     ):
