@@ -15,6 +15,7 @@ import torch.distributed as dist
 __all__ = [
     "token_logprobs",
     "entropy_from_logits",
+    "chunked_token_logprobs",
     "sequence_logprobs",
     "masked_sum",
     "masked_mean",
@@ -81,6 +82,128 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         finite_z = torch.where(torch.isneginf(z), torch.zeros_like(z), z)  # -inf logits have p = 0
         out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * finite_z).sum(-1))
     return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def _head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None, temperature: float):
+    """``(C, V)`` float32 logits ``softcap(h W^T + b) / temperature`` of one chunk (matmul in ``h``'s dtype)."""
+    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # (C, V) float32 (float64 stays)
+    if softcap is not None:
+        z = torch.tanh(z.div_(softcap)).mul_(softcap)  # cap * tanh(z / cap), Gemma 2's final soft-capping
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Log-probs (and entropy) from hidden states, one chunk of rows at a time.
+
+    Forward keeps only each row's ``logsumexp``; backward recomputes each chunk's logits
+    and applies ``d log p(y) / d z = onehot(y) - softmax(z)`` by hand, so at most one
+    chunk's ``(C, V)`` float32 logits exist at a time in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, softcap, chunk_size, with_entropy):
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(hidden.dtype, weight.dtype)
+        n, acc = hidden.shape[0], torch.promote_types(dtype, torch.float32)
+        logps = hidden.new_empty(n, dtype=acc)  # (N,)
+        lse = hidden.new_empty(n, dtype=acc)  # (N,)
+        entropy = hidden.new_empty(n, dtype=acc) if with_entropy else None  # (N,)
+        with torch.autocast(device, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # (V, H), (V,)
+            for s in range(0, n, chunk_size):
+                z = _head_logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, temperature)  # (C, V)
+                lse[s : s + chunk_size] = torch.logsumexp(z, dim=-1)
+                picked = z.gather(-1, labels[s : s + chunk_size, None]).squeeze(-1)  # (C,)
+                logps[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+                if with_entropy:  # H = lse - sum_v p_v z_v
+                    p = torch.softmax(z, dim=-1)  # (C, V)
+                    entropy[s : s + chunk_size] = lse[s : s + chunk_size] - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.settings = (temperature, softcap, chunk_size, dtype, device)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        temperature, softcap, chunk_size, dtype, device = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        acc = lse.dtype
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None  # (V, H) accumulated in fp32
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None  # (V,)
+        with torch.autocast(device, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for s in range(0, hidden.shape[0], chunk_size):
+                h = hidden[s : s + chunk_size].to(dtype)  # (C, H)
+                z = _head_logits(h, w, b, softcap, temperature)  # (C, V)
+                # d tanh-cap(u) / du = 1 - (cap(u) / cap)^2, with cap(u) = temperature * z
+                dcap = 1 - (z * (temperature / softcap)).square_() if softcap is not None else None
+                scale = grad_logps[s : s + chunk_size].to(acc) / temperature  # (C,)
+                dz = z.sub_(lse[s : s + chunk_size, None]).exp_().mul_(-scale[:, None])  # -g p / T, (C, V)
+                dz.scatter_add_(-1, labels[s : s + chunk_size, None], scale[:, None])  # + g onehot(y) / T
+                if dcap is not None:
+                    dz.mul_(dcap)
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                dz = dz.to(dtype)
+                if grad_h is not None:
+                    grad_h[s : s + chunk_size] = dz @ w
+                if grad_w is not None:
+                    if dtype == acc:
+                        grad_w.addmm_(dz.t(), h)
+                    else:
+                        grad_w += dz.t() @ h
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` (and :func:`entropy_from_logits`) of a linear LM head, without the full logits.
+
+    ``z = softcap(hidden W^T + bias) / temperature`` with ``softcap(u) = c tanh(u / c)``
+    when ``softcap = c`` is given; ``log p(y) = z[y] - logsumexp(z)``. Rows are processed
+    ``chunk_size`` at a time: the matmul runs in the input dtype (the autocast dtype under
+    autocast), each chunk's logits are upcast to float32, and backward recomputes them
+    (gradients for ``hidden``, ``weight`` and ``bias``), so peak memory holds about one
+    ``(chunk_size, V)`` float32 block instead of ``(N, V)``. Values and gradients equal
+    those of the plain computation up to float rounding.
+
+    Args:
+        hidden: ``(N, H)`` last hidden states (the rows predicting ``labels``).
+        weight: ``(V, H)`` LM-head weight (the input embeddings when tied).
+        labels: ``(N,)`` integer token ids in ``[0, V)``.
+        bias: optional ``(V,)`` LM-head bias.
+        temperature: positive sampling temperature.
+        softcap: final-logit soft-capping constant, or None.
+        chunk_size: rows per chunk.
+        with_entropy: also return the entropy of each row's distribution (no gradient).
+
+    Returns:
+        ``(logprobs (N,), entropy (N,) or None)``, float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    return _ChunkedLogprobs.apply(
+        hidden, weight, bias, labels.long(), float(temperature), softcap, int(chunk_size), with_entropy
+    )
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

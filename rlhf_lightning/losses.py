@@ -49,6 +49,7 @@ def sft_loss(
     labels: torch.Tensor,
     ignore_index: int = -100,
     denominator: torch.Tensor | float | None = None,
+    logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Next-token negative log-likelihood, token mean over the batch.
 
@@ -63,6 +64,8 @@ def sft_loss(
         denominator: divide the summed NLL by this instead of this batch's ``N``; with
             ``N_step / (accumulate x world_size)`` (``SFTDataModule``'s ``loss_denominator``)
             accumulated micro-batches give the token mean over the whole optimizer step.
+        logps: ``(B, T-1)`` log-probs of ``labels[:, 1:]`` computed elsewhere (in chunks from
+            hidden states, ``models.response_logprobs``); ``logits`` is then unused.
 
     Returns:
         ``(loss, {"loss", "ntokens"})``; an all-ignored batch gives loss 0. The metric
@@ -71,7 +74,8 @@ def sft_loss(
     shift_labels = labels[:, 1:]  # (B, T-1)
     valid = shift_labels != ignore_index  # (B, T-1)
     safe_labels = torch.where(valid, shift_labels, torch.zeros_like(shift_labels))
-    logps = token_logprobs(logits[:, :-1], safe_labels)  # (B, T-1)
+    if logps is None:
+        logps = token_logprobs(logits[:, :-1], safe_labels)  # (B, T-1)
     mean = -masked_mean(logps, valid)
     ntokens = valid.sum().detach().float()
     loss = mean if denominator is None else mean * ntokens / denominator  # summed NLL / denominator

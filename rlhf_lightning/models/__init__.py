@@ -11,6 +11,7 @@ from rlhf_lightning.models.adapters import (
     save_adapter,
 )
 from rlhf_lightning.models.forward import (
+    DEFAULT_CHUNK_SIZE,
     ResponseOutputs,
     causal_lm_logits,
     last_token_index,
@@ -37,6 +38,7 @@ from rlhf_lightning.models.reward import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "AdapterDisabled",
     "LoraSettings",
     "adapter_disabled",

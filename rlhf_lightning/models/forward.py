@@ -4,18 +4,40 @@
 of query+response sequences: PPO's rollout and learning passes, the reference model,
 DPO's policy and reference, and the evaluation all call it, so temperature, shifting,
 position ids and the skipping of prompt logits are decided once.
+
+By default it never builds the ``(B, T, V)`` logits: it runs the model's decoder for the
+last hidden states and computes log-probs and entropy from them and the LM head in
+chunks of rows (:func:`~rlhf_lightning.logprobs.chunked_token_logprobs`). A model whose
+logits are not ``head(hidden)`` (optionally soft-capped) is detected once, by comparing
+both ways on a few tokens, and keeps the plain path.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rlhf_lightning.logprobs import entropy_from_logits, token_logprobs
+from rlhf_lightning.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = "auto"  # rows of logits at a time: "auto", an int, or None (the full logits)
+LOGITS_PER_CHUNK = 2**25  # "auto": rows x V about this (128 MiB of float32): 261 rows at V = 128k, 8192 at 4k
+
+
+def chunk_rows(chunk_size: int | str, vocab_size: int) -> int:
+    """Rows per chunk: ``chunk_size`` itself, or for ``"auto"`` as many as fit ``LOGITS_PER_CHUNK`` logits."""
+    if chunk_size == "auto":
+        return max(1, LOGITS_PER_CHUNK // vocab_size)
+    if isinstance(chunk_size, str) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be 'auto', a positive int or None, got {chunk_size!r}")
+    return chunk_size
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,6 +69,68 @@ def _takes_logits_to_keep(forward_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
 
 
+@dataclass(frozen=True)
+class LinearHead:
+    """A causal LM split as ``logits = softcap(head(decoder(...).last_hidden_state))``."""
+
+    decoder: nn.Module
+    head: nn.Linear
+    softcap: float | None
+
+
+# model -> whether its split reproduces its logits (checked on first use)
+_REPRODUCES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _split_head(model: nn.Module) -> LinearHead | None:
+    """Decoder, LM head and soft-capping of a ``transformers`` causal LM (or a PEFT wrapper of one)."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    # An adapter or a sharding wrapper around the head is not a plain nn.Linear: keep the plain path.
+    if decoder is None or decoder is model or type(head) is not nn.Linear:
+        return None
+    if head.weight.shape != (head.out_features, head.in_features):  # partitioned (ZeRO-3) weight
+        return None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LinearHead(decoder, head, float(softcap) if softcap else None)
+
+
+@torch.no_grad()
+def _reproduces_logits(model: nn.Module, split: LinearHead, input_ids: torch.Tensor) -> bool:
+    """Whether ``split`` gives the model's own logits on the first few tokens of ``input_ids``."""
+    ids = input_ids[:1, :16]  # (1, n)
+    mask = torch.ones_like(ids)
+    training = model.training
+    model.eval()  # dropout would make the two passes differ
+    try:
+        plain = causal_lm_logits(model, ids, mask).float()  # (1, n, V)
+        hidden = split.decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        ours = split.head(hidden.last_hidden_state).float()  # (1, n, V)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    finally:
+        model.train(training)
+    if split.softcap is not None:
+        ours = torch.tanh(ours / split.softcap) * split.softcap
+    return plain.shape == ours.shape and bool((plain - ours).abs().max() <= 1e-2 * (1 + plain.abs().max()))
+
+
+def linear_head(model: nn.Module, input_ids: torch.Tensor) -> LinearHead | None:
+    """The model's decoder/head split when it reproduces its logits (checked once per model), else None."""
+    split = _split_head(model)
+    if split is None:
+        return None
+    if model not in _REPRODUCES:
+        _REPRODUCES[model] = _reproduces_logits(model, split, input_ids)
+        if not _REPRODUCES[model]:
+            log.warning("%s: logits are not head(hidden states); log-probs use the full logits", type(model).__name__)
+    return split if _REPRODUCES[model] else None
+
+
 @dataclass
 class ResponseOutputs:
     """What :func:`response_logprobs` returns; ``A = T - response_start`` scored columns."""
@@ -64,6 +148,8 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_hidden: bool = False,
+    chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
+    targets: torch.Tensor | None = None,
 ) -> ResponseOutputs:
     """Log-probs of the tokens ``input_ids[:, response_start:]`` given everything before them.
 
@@ -72,8 +158,11 @@ def response_logprobs(
     (right-padded prompt+response, ``response_start`` = the first column holding a
     response token in any row; the caller masks prompt and pad columns after it).
     Logits are taken at the sampling ``temperature`` (ratios and KL must refer to the
-    policy that sampled), position ids come from the mask, and the LM head runs only
-    on the ``A + 1`` last positions when the model accepts ``logits_to_keep``.
+    policy that sampled) and position ids come from the mask. With ``chunk_size`` (the
+    default) and a model whose logits are a linear head on its decoder's last hidden
+    states, the head runs on the ``A`` scoring positions ``chunk_size`` rows at a time
+    and the ``(B, A, V)`` logits never exist (:func:`linear_head`); otherwise the LM head
+    runs only on the ``A + 1`` last positions when the model accepts ``logits_to_keep``.
 
     Args:
         model: a causal LM (``transformers`` or anything returning ``.logits``).
@@ -83,6 +172,9 @@ def response_logprobs(
         temperature: logits are divided by it before the softmax.
         with_entropy: also return the per-position entropy (a statistic: no graph).
         with_hidden: also return the last layer's hidden states (for a value head).
+        chunk_size: rows of logits per chunk, ``"auto"`` (:func:`chunk_rows`), or None for
+            the full logits.
+        targets: ``(B, T)`` token ids to score instead of ``input_ids`` (same columns).
 
     Returns:
         :class:`ResponseOutputs` with ``(B, A)`` tensors, ``A = T - response_start``.
@@ -90,6 +182,31 @@ def response_logprobs(
     T = input_ids.shape[1]
     if not 1 <= response_start <= T:
         raise ValueError(f"response_start must be in [1, {T}], got {response_start}")
+    labels = (input_ids if targets is None else targets)[:, response_start:]  # (B, A)
+    split = linear_head(model, input_ids) if chunk_size else None
+    if split is not None:
+        out = split.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state[:, response_start - 1 : -1]  # (B, A, H)
+        logps, entropy = chunked_token_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]),  # (B*A, H)
+            split.head.weight,
+            labels.reshape(-1),
+            split.head.bias,
+            temperature,
+            split.softcap,
+            chunk_rows(chunk_size, split.head.out_features),
+            with_entropy,
+        )
+        return ResponseOutputs(
+            logprobs=logps.view(labels.shape),
+            entropy=None if entropy is None else entropy.view(labels.shape),
+            hidden=hidden if with_hidden else None,
+        )
     kwargs = {"output_hidden_states": True} if with_hidden else {}
     keep = _takes_logits_to_keep(type(model))
     if keep:
@@ -102,7 +219,7 @@ def response_logprobs(
         **kwargs,
     )
     logits = out.logits[:, :-1] if keep else out.logits[:, response_start - 1 : -1]  # (B, A, V)
-    result = ResponseOutputs(logprobs=token_logprobs(logits, input_ids[:, response_start:], temperature))
+    result = ResponseOutputs(logprobs=token_logprobs(logits, labels, temperature))
     if with_entropy:
         with torch.no_grad():
             result.entropy = entropy_from_logits(logits.detach().float() / temperature)  # (B, A)

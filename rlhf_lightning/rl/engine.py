@@ -55,14 +55,18 @@ class RolloutEngine:
             s.logprob_temperature,
             with_entropy=with_entropy,
             with_hidden=critic is not None and critic.needs_hidden,
+            chunk_size=s.hparams.logprob_chunk_size,
         )
         values = None if critic is None else critic.values(ids, mask, r.query_width, out.hidden)  # (B, A)
         return out, values
 
     def ref_logprobs(self, r: Rollout) -> torch.Tensor:
         ids, mask = r.sequences()  # (B, Q+A)
-        with self.system.reference() as ref:  # a frozen model, or the LoRA policy with its adapter off
-            return response_logprobs(ref, ids, mask, r.query_width, self.system.logprob_temperature).logprobs  # (B, A)
+        s = self.system
+        with s.reference() as ref:  # a frozen model, or the LoRA policy with its adapter off
+            return response_logprobs(
+                ref, ids, mask, r.query_width, s.logprob_temperature, chunk_size=s.hparams.logprob_chunk_size
+            ).logprobs  # (B, A)
 
     @torch.no_grad()
     def fill_old_outputs(self, r: Rollout) -> torch.Tensor:

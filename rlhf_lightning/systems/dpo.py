@@ -28,22 +28,28 @@ from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.importing import import_callable, import_path
 from rlhf_lightning.logprobs import sequence_logprobs
 from rlhf_lightning.losses import dpo_loss
-from rlhf_lightning.models import LoraSettings, response_logprobs
+from rlhf_lightning.models import DEFAULT_CHUNK_SIZE, LoraSettings, response_logprobs
 from rlhf_lightning.systems.base import PolicySystem
 
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+def sequence_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    average: bool = False,
+    chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
     """``(N,)`` log-probs of each row's response tokens (``labels != -100``), summed or averaged.
 
     The scored columns start at the first column holding a response token in any row
     (``models.response_logprobs`` skips the LM head on the prompt columns before it);
     prompt and padding positions after it carry ``-100`` and count for nothing.
+    ``chunk_size`` rows of logits exist at a time (None: the full logits).
     """
     scored = batch["labels"] != IGNORE_INDEX  # (N, T)
     start = int(scored.any(0).int().argmax())  # first column with a scored token
-    logps = response_logprobs(model, batch["input_ids"], batch["attention_mask"], response_start=max(start, 1))
+    logps = response_logprobs(model, batch["input_ids"], batch["attention_mask"], max(start, 1), chunk_size=chunk_size)
     return sequence_logprobs(logps.logprobs, scored[:, max(start, 1) :], average=average)  # (N,)
 
 
@@ -69,6 +75,7 @@ class DPOModule(PolicySystem):
         precompute_ref_logps: bool = False,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         trust_remote_code: bool = False,
@@ -90,6 +97,9 @@ class DPOModule(PolicySystem):
             disable_dropout: zero every dropout probability in policy and reference.
             gradient_checkpointing: recompute the policy's activations in backward
                 (less memory, about a third more compute).
+            logprob_chunk_size: log-probs come from the last hidden states this many rows
+                at a time (``"auto"``: about 2^25 logits), never the full ``(2B, T, V)``
+                logits; None: from full logits.
             lora: train LoRA adapters instead of every weight (``models.LoraSettings``).
         """
         super().__init__()
@@ -105,6 +115,7 @@ class DPOModule(PolicySystem):
             raise TypeError(f"loss_kwargs {self.loss_kwargs} do not fit {self.hparams.loss_fn}: {e}") from None
         self.needs_reference = not getattr(self.loss_fn, "reference_free", False)
         self.length_normalized = bool(getattr(self.loss_fn, "length_normalized", False))
+        self.chunk_size = logprob_chunk_size
         # A reference that can be reloaded from its export is not stored in checkpoints.
         self.ref_reloadable = (ref_model or model) is not None
         self.ref_policy = None
@@ -147,7 +158,7 @@ class DPOModule(PolicySystem):
                     raise KeyError("precompute_ref_logps needs batches with an 'index' (PreferenceDataModule)")
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 with self.reference() as ref:
-                    logps = sequence_logps(ref, batch, self.length_normalized)  # (2B,)
+                    logps = sequence_logps(ref, batch, self.length_normalized, self.chunk_size)  # (2B,)
                 indices.append(batch["index"])
                 values.append(torch.stack(logps.chunk(2), dim=-1))  # (B, 2)
             if not indices:
@@ -193,12 +204,13 @@ class DPOModule(PolicySystem):
         if self.ref_policy is None and not self.reference_is_base:
             raise RuntimeError(f"no cached reference log-probs for split {split!r} and no reference model")
         with torch.no_grad(), self.reference() as ref:
-            return sequence_logps(ref, batch, self.length_normalized)
+            return sequence_logps(ref, batch, self.length_normalized, self.chunk_size)
 
     # ----------------------------------------------------------------------------- steps
     def _loss(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].shape[0] // 2
-        logps = sequence_logps(self.policy, batch, self.length_normalized)  # (2B,) chosen and rejected in one pass
+        # (2B,) chosen and rejected in one pass
+        logps = sequence_logps(self.policy, batch, self.length_normalized, self.chunk_size)
         ref = self.reference_logps(batch, split)  # (2B,) or None
         loss, metrics = self.loss_fn(
             logps[:n],

@@ -39,7 +39,7 @@ from rlhf_lightning import logprobs as lp
 from rlhf_lightning import losses
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.generation import SamplingConfig, decode_responses, warn_if_truncated
-from rlhf_lightning.models import LoraSettings, load_reward_model
+from rlhf_lightning.models import DEFAULT_CHUNK_SIZE, LoraSettings, load_reward_model
 from rlhf_lightning.rl.critics import SeparateCritic, ValueHeadCritic
 from rlhf_lightning.rl.engine import RolloutEngine
 from rlhf_lightning.rl.estimators import EstimatorSettings, get_estimator
@@ -98,6 +98,7 @@ class OnlineRLModule(PolicySystem):
         logprob_temperature: float | None = None,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         reuse_rollout_forward: bool = True,
         sample_log_every_n_steps: int = 10,
         trust_remote_code: bool = False,
@@ -140,6 +141,9 @@ class OnlineRLModule(PolicySystem):
             logprob_temperature: temperature of the recomputed log-probs; default the
                 sampling temperature (anything else makes ratio and KL refer to another policy).
             gradient_checkpointing: recompute activations of the policy and critic in backward.
+            logprob_chunk_size: log-probs and entropy come from the last hidden states this
+                many rows at a time (``"auto"``: about 2^25 logits), never the full ``(B, A, V)``
+                logits; None: from full logits.
             reuse_rollout_forward: take the rollout-time log-probs and values from the first
                 learning forward when the buffer is one minibatch of one micro-batch.
             lora: LoRA adapters on the policy and the separate critic (whose score head trains

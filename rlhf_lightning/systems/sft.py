@@ -6,12 +6,14 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.data.collate import IGNORE_INDEX
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.losses import sft_loss
-from rlhf_lightning.models import LoraSettings, causal_lm_logits
+from rlhf_lightning.models import DEFAULT_CHUNK_SIZE, LoraSettings, response_logprobs
 from rlhf_lightning.systems.base import PolicySystem
 
 
@@ -20,6 +22,8 @@ class SFTModule(PolicySystem):
 
     Logs ``sft/loss`` and ``sft/ppl`` every step and ``val/sft/loss``, ``val/sft/ppl``
     per validation epoch (perplexity = exp of the token-mean NLL over the whole split).
+    The NLL comes from the last hidden states ``logprob_chunk_size`` rows at a time (the
+    ``(B, T, V)`` logits are never built; None builds them).
     """
 
     def __init__(
@@ -30,6 +34,7 @@ class SFTModule(PolicySystem):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | str | None = DEFAULT_CHUNK_SIZE,
         trust_remote_code: bool = False,
         sampling: SamplingConfig | None = None,
         lora: LoraSettings | None = None,
@@ -46,11 +51,20 @@ class SFTModule(PolicySystem):
         self.policy = self.load_policy()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = causal_lm_logits(self.policy, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+        # Log-probs of the labelled tokens only, from the columns where the first label
+        # appears, in chunks of ``logprob_chunk_size`` rows (None: from full logits).
+        labels = batch["labels"]  # (B, T)
+        start = int((labels[:, 1:] != IGNORE_INDEX).any(0).int().argmax()) + 1  # first scored column
+        safe = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)  # (B, T)
+        chunk = self.hparams.logprob_chunk_size
+        out = response_logprobs(
+            self.policy, batch["input_ids"], batch["attention_mask"], start, chunk_size=chunk, targets=safe
+        )
+        logps = F.pad(out.logprobs, (start - 1, 0))  # (B, T-1), 0 on unscored prompt columns
         # Training batches carry the step's token share: with Lightning's division by
         # accumulate_grad_batches and DDP's mean over ranks, the step's gradient is that of
         # the token mean over all its micro-batches (SFTDataModule, losses.sft_loss).
-        return sft_loss(logits, batch["labels"], denominator=batch.get("loss_denominator"))
+        return sft_loss(None, labels, denominator=batch.get("loss_denominator"), logps=logps)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self._loss(batch)
