@@ -10,7 +10,8 @@ STEPS=${STEPS:-8}
 FLAGS=""
 [ -n "${TINY:-}" ] && FLAGS="--tiny"
 CHECKS=${CHECKS:-"sft_bf16 sft_lora_bf16 sft_lora_true reward_lora_bf16 dpo_bf16 dpo_lora_bf16 ppo_lora_bf16 grpo_bf16 grpo_ourloop_bf16 sft_fsdp_bf16 grpo_fsdp_bf16"}
-mkdir -p "$OUT"
+ERR=${ERR_DIR:-$OUT}  # each check's stderr
+mkdir -p "$OUT" "$ERR"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 [ -n "${TINY:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, lightning, transformers, peft; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
@@ -18,7 +19,7 @@ $PY scripts/gpu_check.py prepare --root "$ROOT" $FLAGS || exit 1
 for check in $CHECKS; do
   echo "=== $check"
   timeout "${CHECK_TIMEOUT:-240}" $PY scripts/gpu_check.py run --root "$ROOT" --check "$check" --steps "$STEPS" \
-    --json "$OUT/gpu_check.jsonl" $FLAGS 2>"$OUT/$check.err" | tail -1
+    --json "$OUT/gpu_check.jsonl" $FLAGS 2>"$ERR/$check.err" | tail -1
   rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { echo "    exit $rc; last lines of $OUT/$check.err:"; tail -5 "$OUT/$check.err"; }
+  [ "$rc" = 0 ] || { echo "    exit $rc; last lines of $ERR/$check.err:"; tail -8 "$ERR/$check.err"; }
 done
