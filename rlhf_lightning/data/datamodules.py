@@ -28,6 +28,7 @@ from rlhf_lightning.data.collate import (
 from rlhf_lightning.data.records import load_examples
 from rlhf_lightning.data.samplers import (
     LengthGroupedSampler,
+    RankShare,
     TokenWindowSampler,
     WindowedFeatures,
     example_length,
@@ -173,6 +174,9 @@ class RLHFDataModule(L.LightningDataModule):
                 world_size=world,
             )
             dataset = WindowedFeatures(dataset)
+        dist = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if sampler is not None and dist and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            sampler = RankShare(sampler, dist["num_replicas"], dist["rank"])  # see RankShare: no reshuffle
         if sampler is None:
             return DataLoader(
                 dataset,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from rlhf_lightning.data.collate import IGNORE_INDEX
 
@@ -103,6 +103,37 @@ class TokenWindowSampler(Sampler[tuple[int, float]]):
             denominator = max(sum(self.counts[i] for i in part), 1) / share
             out += [(i, denominator) for i in part]
         return iter(out)
+
+
+class RankShare(DistributedSampler):
+    """This rank's share of another sampler's order, dealt in turn: indices ``rank``,
+    ``rank + world``, ... of it (padded with its start to a multiple of ``world``).
+
+    Lightning wraps a custom sampler in its ``DistributedSamplerWrapper`` under any
+    distributed strategy, and that wrapper *reshuffles* the sampler's order (training
+    loaders are always marked shuffled), which breaks length-grouped chunks and
+    token-accounting windows. A ``DistributedSampler`` is left in place, so the data
+    modules wrap their own samplers in this one.
+    """
+
+    def __init__(self, sampler: Sampler[Any], num_replicas: int, rank: int):
+        # DistributedSampler's __init__ wants a dataset and would shuffle; only its type is needed.
+        self.sampler, self.num_replicas, self.rank, self.epoch = sampler, num_replicas, rank, 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.num_replicas)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        order += order[: (-len(order)) % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 class WindowedFeatures(Dataset):
