@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ class HFExport(L.Callback):
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "hf"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:  # e.g. max_steps=0: the weights are the starting point, not a result
+            rank_zero_warn(
+                f"no optimizer step was taken, so nothing was exported (the export at {self.export_path(trainer)} "
+                "is left as it is, and the pipeline does not count this stage as done)"
+            )
+            return
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             path = pl_module.export_hf(self.export_path(trainer))

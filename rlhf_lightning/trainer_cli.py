@@ -16,11 +16,12 @@ pipeline wires stages by setting exactly these keys.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import jsonargparse
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from transformers.utils import logging as hf_logging
 
@@ -30,6 +31,15 @@ from rlhf_lightning.rundir import RunDirLock, is_launcher_child
 # Interpolations such as ${inputs.sft} are written relative to the subcommand's config
 # (``fit``'s keys), not to the root parser's.
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+
+
+class ConciseParser(LightningArgumentParser):
+    """A configuration error shows the offending key and value and one usage line, not the
+    ~50-line usage of every option (that stays on ``--help``)."""
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} -c CONFIG.yaml [--KEY=VALUE ...]\n")
 
 
 class RLHFCLI(LightningCLI):
@@ -104,6 +114,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> RLHFCL
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_class=ConciseParser,
         parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,
         run=run,

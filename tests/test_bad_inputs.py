@@ -101,3 +101,42 @@ def test_a_file_given_as_model_directory(tmp_path, tokenizer):
     f.write_bytes(b"0")
     with pytest.raises(NotADirectoryError, match="is a file; give the export directory"):
         load_causal_lm(str(f), tokenizer)
+
+
+# ----------------------------------------------------------------------------- settings
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": -4}, "batch_size must be a positive integer, got -4"),
+        ({"val_batch_size": 0}, "val_batch_size must be a positive integer"),
+        ({"max_response_length": 0}, "max_response_length must be a positive integer"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_data_sizes_are_checked_before_anything_is_built(tmp_path, kwargs, problem):
+    from rlhf_lightning.data.datamodules import SFTDataModule
+
+    f = write(tmp_path / "d.jsonl", [GOOD])
+    with pytest.raises(ValueError, match=f"SFTDataModule: {problem}"):
+        SFTDataModule(tokenizer="unused", train_file=f, **kwargs)  # fails before loading the tokenizer
+
+
+@pytest.mark.parametrize("name", ["num_samples", "ppo_epochs", "minibatch_size", "micro_batch_size"])
+def test_online_rl_sizes_are_checked_before_models_are_built(tokenizer_dir, name):
+    from rlhf_lightning.systems.online_rl import OnlineRLModule
+
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+        OnlineRLModule(model="unused", tokenizer=tokenizer_dir, reward_functions=["m:f"], **{name: 0})
+
+
+def test_config_error_is_short_and_names_key_and_value(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "-c", "configs/sft.yaml"]
+    proc = subprocess.run([*cmd, "--data.init_args.batch_size=abc"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 15, proc.stderr
+    assert 'Parser key "batch_size"' in proc.stderr and "Got value: abc" in proc.stderr

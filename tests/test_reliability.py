@@ -170,3 +170,12 @@ def test_pipeline_refuses_a_run_directory_in_use(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_max_steps_zero_leaves_the_export_alone(tokenizer_dir, tiny_config, tmp_path):
+    module, dm, trainer = sft_run(tokenizer_dir, tiny_config, tmp_path, lr=1e-3, max_steps=0)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "marker").write_text("earlier export")
+    with pytest.warns(UserWarning, match="no optimizer step was taken, so nothing was exported"):
+        trainer.fit(module, datamodule=dm)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["marker"]

@@ -55,6 +55,13 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
     return train, [ex for i, ex in enumerate(examples) if i in val_idx]
 
 
+def _check_sizes(owner: str, **sizes: int | None) -> None:
+    """Sizes must be positive integers (None: unset); checked before any model is built."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
 class RLHFDataModule(L.LightningDataModule):
     """Shared machinery: load, validate, split, pre-tokenise, and serve batches.
 
@@ -103,6 +110,15 @@ class RLHFDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        _check_sizes(
+            type(self).__name__,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            max_prompt_length=max_prompt_length,
+            max_response_length=max_response_length,
+        )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"{type(self).__name__}: val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, padding_side=self.padding_side)
         self.train_dataset: list[dict[str, Any]] | None = None
         self.val_dataset: list[dict[str, Any]] = []

@@ -154,6 +154,10 @@ class OnlineRLModule(PolicySystem):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self._setup_policy(model, None, tokenizer or model, optimizer, lr_scheduler, trust_remote_code, sampling)
         self.automatic_optimization = False
+        for name in ("num_samples", "ppo_epochs", "rollout_batches", "minibatch_size", "micro_batch_size"):
+            value = getattr(self.hparams, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
         self.estimator = get_estimator(estimator)
         if self.estimator.needs_groups and num_samples < 2:
             raise ValueError(f"estimator {estimator!r} compares samples of the same prompt: set num_samples >= 2")
