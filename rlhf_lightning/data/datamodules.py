@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from rlhf_lightning.data.collate import (
@@ -119,6 +120,7 @@ class RLHFDataModule(L.LightningDataModule):
         )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{type(self).__name__}: val_fraction must be in [0, 1), got {val_fraction}")
+        self.truncation: dict[str, dict[str, int]] = {}  # per split: examples and truncation counts
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, padding_side=self.padding_side)
         self.train_dataset: list[dict[str, Any]] | None = None
         self.val_dataset: list[dict[str, Any]] = []
@@ -141,16 +143,16 @@ class RLHFDataModule(L.LightningDataModule):
         features = [self.tokenize(ex) for ex in examples]
         p_cut = sum(f["prompt_truncated"] for f in features)
         r_cut = sum(f.get("response_truncated", False) for f in features)
-        log.info(
-            "%s %s: %d examples; %d prompts truncated (left) to %d tokens; %d responses truncated (right) to %d tokens",
-            type(self).__name__,
-            name,
-            len(features),
-            p_cut,
-            self.hparams.max_prompt_length,
-            r_cut,
-            self.hparams.max_response_length,
+        hp = self.hparams
+        message = (
+            f"{type(self).__name__} {name}: {len(features)} examples; {p_cut} prompts truncated (left) to "
+            f"{hp.max_prompt_length} tokens; {r_cut} responses truncated (right) to {hp.max_response_length} tokens"
         )
+        self.truncation[name] = {"examples": len(features), "prompts_truncated": p_cut, "responses_truncated": r_cut}
+        if features and max(p_cut, r_cut) > 0.1 * len(features):
+            rank_zero_warn(message + ": over 10 %, raise max_prompt_length / max_response_length if that is not meant")
+        else:
+            rank_zero_info(message)
         return features
 
     def setup(self, stage: str | None = None) -> None:
@@ -255,6 +257,21 @@ class PreferenceDataModule(RLHFDataModule):
 
     def _tokenize_all(self, examples: list, name: str) -> list[dict[str, Any]]:
         features = super()._tokenize_all(examples, name)
+        same = [i for i, f in enumerate(features) if f["chosen_input_ids"] == f["rejected_input_ids"]]
+        if same:
+            hp = self.hparams
+            source = hp.train_file if name == "train" else hp.val_file or hp.train_file
+            first = examples[same[0]].prompt[:60]
+            problem = (
+                f"{len(same)} {name} pair(s) of {source} have identical chosen and rejected after truncation to "
+                f"max_response_length={hp.max_response_length} (first: pair {same[0]} of the split, prompt {first!r})"
+            )
+            if hp.strict:
+                raise ValueError(problem + "; raise max_response_length, or set strict=false to skip them")
+            rank_zero_warn(problem + ": skipped")
+            drop = set(same)
+            features = [f for i, f in enumerate(features) if i not in drop]
+            self.truncation[name]["identical_pairs_skipped"] = len(same)
         for i, f in enumerate(features):
             f["index"] = i  # lets DPO cache per-pair reference log-probs (precompute_ref_logps)
         return features
