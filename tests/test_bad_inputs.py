@@ -140,3 +140,45 @@ def test_config_error_is_short_and_names_key_and_value(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) <= 15, proc.stderr
     assert 'Parser key "batch_size"' in proc.stderr and "Got value: abc" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the record corpus
+U, A = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+RECORD_CASES = [
+    # (kind, line 2 of the file, the problem the message must state)
+    ("sft", '{"prompt": "a", "response": "b"', r"line is not valid JSON"),
+    ("sft", "[1, 2]", r"expected a JSON object, got list"),
+    ("sft", {"prompt": "a"}, r"missing key 'response' \(record has keys \['prompt'\]\)"),
+    ("sft", {"prompt": "a", "response": None}, r"field 'response' is null"),
+    ("sft", {"prompt": "a", "response": 3}, r"field 'response' must be a string, got int"),
+    ("sft", {"prompt": "a", "response": ""}, r"field 'response' is empty"),
+    ("sft", {"messages": "hi"}, r"field 'messages' must be a non-empty list of messages"),
+    ("sft", {"messages": []}, r"field 'messages' must be a non-empty list of messages"),
+    ("sft", {"messages": [U, "x"]}, r"messages\[1\] must be an object with 'role' and 'content'"),
+    ("sft", {"messages": [{"role": "robot", "content": "x"}, A]}, r"messages\[0\]: unknown role 'robot'"),
+    ("sft", {"messages": [U, {"role": "assistant"}]}, r"messages\[1\]: missing key 'content'"),
+    ("sft", {"messages": [A, U]}, r"last message of 'messages' must be from the assistant, got 'user'"),
+    ("sft", {"messages": [A]}, r"'messages' has no prompt"),
+    ("preference", {"prompt": "p", "chosen": "a"}, r"missing key 'rejected'"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "a"}, r"chosen and rejected are identical"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "x"}, r"'margin' must be a finite"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("nan")}, r"'margin' must be"),
+    ("preference", {"chosen": "Human: a", "rejected": "Human: b"}, r"no shared prompt"),
+    ("preference", {"chosen": [U, A], "rejected": [{"role": "user", "content": "other"}, A]}, r"no shared prompt"),
+    ("prompt", {"text": "a"}, r"expected key 'prompt' or 'messages'"),
+    ("prompt", {"messages": [U, A]}, r"last message of 'messages' must not be from the assistant in a prompt"),
+    ("prompt", {"prompt": ""}, r"field 'prompt' is empty"),
+]
+
+
+@pytest.mark.parametrize("kind, bad, problem", RECORD_CASES)
+def test_bad_record_names_file_line_and_problem(tmp_path, kind, bad, problem):
+    good = {
+        "sft": GOOD,
+        "preference": json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
+        "prompt": json.dumps({"prompt": "p"}),
+    }[kind]
+    f = write(tmp_path / "data.jsonl", [good, bad if isinstance(bad, str) else json.dumps(bad), good])
+    with pytest.raises(RecordError, match=rf"data\.jsonl:2: .*{problem}"):
+        load_examples(f, kind)
+    assert len(load_examples(f, kind, strict=False)) == 2  # skipped and counted instead
