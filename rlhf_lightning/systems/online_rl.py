@@ -338,11 +338,13 @@ class OnlineRLModule(PolicySystem):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out
+        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out; RNG streams
         checkpoint["ppo_state"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
             "iteration": self.iteration,
             "minibatch_generator": self.minibatch_generator.get_state(),
+            "buffer": self.buffer.state_dict(),  # rollouts collected towards the next learning phase
+            "next_group": self.engine._next_group if self.engine is not None else 0,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -352,10 +354,18 @@ class OnlineRLModule(PolicySystem):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.iteration = int(state["iteration"])
             self.minibatch_generator.set_state(state["minibatch_generator"])
+            self.buffer.load_state_dict(state.get("buffer", {"rollouts": []}))
+            if self.engine is not None:  # built by configure_model, which Lightning calls before loading
+                self.engine._next_group = int(state.get("next_group", 0))
 
     def on_fit_start(self) -> None:
         # One seed drives everything; each rank offsets it so rollouts differ across ranks.
+        # A resumed run (iteration > 0) restores its streams instead (on_train_start).
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank
         if self.iteration == 0:
             self.minibatch_generator.manual_seed(seed)
             torch.manual_seed(seed)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.buffer.to(self.device)  # rollouts loaded from a checkpoint sit on the CPU
