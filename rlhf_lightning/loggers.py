@@ -137,7 +137,7 @@ class ResumableCSVLogger(CSVLogger):
     @rank_zero_only
     def resume(self, rows: int) -> None:
         """This run resumes from a checkpoint written when the file had ``rows`` rows."""
-        self.experiment.resume_rows = rows
+        self.experiment.resume_rows = self.experiment.rows_before = rows
 
     @rank_zero_only
     def start_resumed(self, step: int) -> None:

@@ -52,9 +52,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((s["name"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
 
 
-def all_ranks_rng_states() -> list[dict[str, Any]]:
-    """:func:`rng_state` of every rank, in rank order (a collective: call it on every rank)."""
-    state = rng_state()
+def all_ranks_rng_states(state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``state`` (default: :func:`rng_state`) of every rank, in rank order (a collective: call it on every rank)."""
+    state = rng_state() if state is None else state
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return [state]

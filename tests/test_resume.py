@@ -27,14 +27,19 @@ class Killed(RuntimeError):
 
 
 class Kill(L.Callback):
-    """Kill the run as the batch after optimizer step ``at_step`` starts (its checkpoint is written)."""
+    """Kill the run as the batch after optimizer step ``at_step`` starts (its checkpoint is written),
+    or, with ``mid_batch``, just before that batch's optimizer step (its forward and backward done)."""
 
-    def __init__(self, at_step: int):
-        self.at_step = at_step
+    def __init__(self, at_step: int, mid_batch: bool = False):
+        self.at_step, self.mid_batch = at_step, mid_batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
+        if trainer.global_step == self.at_step and not self.mid_batch:
             raise Killed(f"killed at step {self.at_step}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.at_step and self.mid_batch:
+            raise Killed(f"crashed in step {self.at_step}")
 
 
 class Memory(Logger):
@@ -60,7 +65,7 @@ class Memory(Logger):
         self.rows.append((step, kept))
 
 
-def run(make_module, make_data, root, *, kill_at=None, resume=False, callbacks=(), **trainer_kw):
+def run(make_module, make_data, root, *, kill_at=None, mid_batch=False, resume=False, callbacks=(), **trainer_kw):
     """Fit in a fresh Trainer; returns (module, in-memory rows). Checkpoints go to ``root/ckpt``."""
     L.seed_everything(0)
     module, memory = make_module(), Memory()
@@ -70,7 +75,7 @@ def run(make_module, make_data, root, *, kill_at=None, resume=False, callbacks=(
         accelerator="cpu",
         devices=1,
         logger=[memory, ResumableCSVLogger(str(root), name="logs", version="")],
-        callbacks=[*callbacks, ckpt, *([Kill(kill_at)] if kill_at is not None else [])],
+        callbacks=[*callbacks, ckpt, *([Kill(kill_at, mid_batch)] if kill_at is not None else [])],
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -92,10 +97,10 @@ def read_csv(path) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
 
-def kill_and_resume(make_module, make_data, tmp_path, kill_at, **trainer_kw):
+def kill_and_resume(make_module, make_data, tmp_path, kill_at, mid_batch=False, **trainer_kw):
     """Run uninterrupted, then killed at ``kill_at`` and resumed; assert everything matches."""
     whole, whole_rows = run(make_module, make_data, tmp_path / "whole", **trainer_kw)
-    _, first_rows = run(make_module, make_data, tmp_path / "cut", kill_at=kill_at, **trainer_kw)
+    _, first_rows = run(make_module, make_data, tmp_path / "cut", kill_at=kill_at, mid_batch=mid_batch, **trainer_kw)
     assert (tmp_path / "cut/ckpt/last.ckpt").exists()
     resumed, resumed_rows = run(make_module, make_data, tmp_path / "cut", resume=True, **trainer_kw)
     # The killed run logged every row up to the kill; the resumed run logs exactly the rest.
@@ -149,6 +154,13 @@ def test_sft_epoch_end_checkpoint_resumes_exactly(sft_setup, tmp_path):
     # Checkpoints written only at the end of each epoch (ModelCheckpoint's on_train_epoch_end).
     ckpt = {"every_n_epochs": 1, "save_on_train_epoch_end": True}
     kill_and_resume(*sft_setup, tmp_path, kill_at=5, max_epochs=2, limit_val_batches=0, ckpt=ckpt)
+
+
+def test_sft_crashed_mid_batch_resumes_from_the_exception_checkpoint(sft_setup, tmp_path):
+    # The checkpoint is the one written on the exception, after the batch's dropout draws:
+    # the batch is done again from the RNG streams and log position of its start.
+    ckpt = {"every_n_train_steps": 100, "save_on_exception": True}
+    kill_and_resume(*sft_setup, tmp_path, kill_at=3, mid_batch=True, max_epochs=2, val_check_interval=2, ckpt=ckpt)
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -210,3 +222,38 @@ def test_fresh_run_sets_an_old_metrics_file_aside(tmp_path):
     assert names == ["metrics.csv", "metrics.csv.1", "metrics.csv.2"]
     assert read_csv(tmp_path / "logs/metrics.csv.2") == [{"loss": "0.0", "step": "0"}]  # the oldest
     assert read_csv(tmp_path / "logs/metrics.csv") == [{"loss": "2.0", "step": "0"}]
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def test_pipeline_resume_gives_the_uninterrupted_sft_stage(tmp_path, monkeypatch):
+    """``pipeline --resume`` after a crash in SFT: the same export and the same metrics.csv."""
+    from safetensors.torch import load_file
+
+    from rlhf_lightning.cli import cli_main
+    from tests.test_pipeline import pipeline_args
+
+    def args(run_dir):
+        out = pipeline_args(run_dir, sft_steps=6) + ["--only=[data, sft]"]
+        return [
+            a.replace('"trainer.max_steps": 6', '"trainer.max_steps": 6, "trainer.log_every_n_steps": 1') for a in out
+        ]
+
+    cli_main(args(tmp_path / "whole"))
+    original_step = SFTModule.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise Killed("simulated crash")
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", crash_at_step_3)
+    with pytest.raises(Killed):
+        cli_main(args(tmp_path / "cut"))
+    monkeypatch.setattr(SFTModule, "training_step", original_step)
+    cli_main(args(tmp_path / "cut") + ["--resume=true"])
+
+    whole, cut = (load_file(tmp_path / run / "sft/hf/model.safetensors") for run in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    rows = read_csv(tmp_path / "cut/sft/logs/metrics.csv")
+    assert rows == read_csv(tmp_path / "whole/sft/logs/metrics.csv")
+    assert [r["step"] for r in rows if r.get("sft/loss")] == [str(s) for s in range(6)]

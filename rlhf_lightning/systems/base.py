@@ -17,9 +17,8 @@ its models in :meth:`RLHFSystem.build_models`. The base then takes care of:
 * **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer; with LoRA the
   adapter is merged into the exported weights unless ``lora.export`` is ``adapter``;
 * **checkpoints** of a LoRA model whose base reloads from an export hold the adapter and
-  the fully trained modules, not the frozen base weights; every checkpoint holds each
-  rank's RNG streams, which a resumed run restores as training starts (the position in
-  the data is the loader's, ``data/samplers.ResumableDataLoader``).
+  the fully trained modules, not the frozen base weights; with :class:`ExactResume` they
+  carry what a resumed run needs to continue the very same run (``resume.py``).
 
 The maths stays in ``losses.py``, ``advantages.py`` and ``logprobs.py``; log-probs of
 responses come from ``models.response_logprobs``.
@@ -34,10 +33,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
-from rlhf_lightning.loggers import log_positions, resume_logs, start_resumed_logs
 from rlhf_lightning.models import (
     LoraSettings,
     adapter_disabled,
@@ -53,10 +51,10 @@ from rlhf_lightning.models import (
     save_hf,
 )
 from rlhf_lightning.optim import build_optimization
-from rlhf_lightning.rng import all_ranks_rng_states, set_rng_state
+from rlhf_lightning.resume import ExactResume
 
 
-class RLHFSystem(L.LightningModule):
+class RLHFSystem(ExactResume, L.LightningModule):
     """Base of every system (see the module docstring)."""
 
     def _setup(self, tokenizer: str | None, optimizer, lr_scheduler, trust_remote_code: bool) -> None:
@@ -164,15 +162,10 @@ class RLHFSystem(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
             del state[key]
-        checkpoint["rng_states"] = all_ranks_rng_states()  # one per rank, see on_train_start
-        if self._trainer is not None:
-            checkpoint["log_rows"] = log_positions(self._trainer)  # where metrics.csv continues
+        super().on_save_checkpoint(checkpoint)  # ExactResume: RNG streams, log positions
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_states_to_restore = checkpoint.get("rng_states")
-        if self._trainer is not None and "log_rows" in checkpoint:
-            resume_logs(self._trainer, checkpoint["log_rows"])
-            self._logs_resumed = True
+        super().on_load_checkpoint(checkpoint)
         frozen = tuple(f"{name}." for name in self._frozen)
         base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]
@@ -181,31 +174,6 @@ class RLHFSystem(L.LightningModule):
         ]
         if missing:
             raise KeyError(f"checkpoint lacks trainable weights, e.g. {missing[:3]}")
-
-    def on_train_start(self) -> None:
-        """A resumed run takes up its rank's RNG streams where the checkpoint left them.
-
-        Here rather than at loading: Lightning loads a checkpoint before the sanity check,
-        the building of the loaders and the ``on_train_start`` of callbacks, whatever they
-        draw; from here on a resumed run draws exactly what the uninterrupted one drew after
-        the checkpoint was written.
-        """
-        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
-        if not states:
-            return
-        if len(states) != self.trainer.world_size:
-            rank_zero_warn(
-                f"the checkpoint holds the RNG streams of {len(states)} ranks, this run has "
-                f"{self.trainer.world_size}: they are not restored, so the run is not continued exactly"
-            )
-            return
-        set_rng_state(states[self.global_rank])
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_logs_resumed", False):
-            # The step Lightning logs this batch's metrics at (as its LearningRateMonitor reads it).
-            start_resumed_logs(self.trainer, self.trainer.fit_loop.epoch_loop._batches_that_stepped)
-            self._logs_resumed = False
 
     # ----------------------------------------------------------------------------- export
     def export_model(self) -> torch.nn.Module:
