@@ -10,7 +10,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from rlhf_lightning.data.datamodules import PreferenceDataModule, SFTDataModule
@@ -97,15 +97,19 @@ def read_csv(path) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
 
-def kill_and_resume(make_module, make_data, tmp_path, kill_at, mid_batch=False, **trainer_kw):
-    """Run uninterrupted, then killed at ``kill_at`` and resumed; assert everything matches."""
+def kill_and_resume(make_module, make_data, tmp_path, kill_at, mid_batch=False, redone=0, **trainer_kw):
+    """Run uninterrupted, then killed at ``kill_at`` and resumed; assert everything matches.
+
+    ``redone``: rows the killed run logged after its last checkpoint, which the resumed run logs again.
+    """
     whole, whole_rows = run(make_module, make_data, tmp_path / "whole", **trainer_kw)
     _, first_rows = run(make_module, make_data, tmp_path / "cut", kill_at=kill_at, mid_batch=mid_batch, **trainer_kw)
     assert (tmp_path / "cut/ckpt/last.ckpt").exists()
     resumed, resumed_rows = run(make_module, make_data, tmp_path / "cut", resume=True, **trainer_kw)
     # The killed run logged every row up to the kill; the resumed run logs exactly the rest.
-    assert first_rows + resumed_rows == whole_rows
-    assert resumed_rows and resumed_rows[0] != whole_rows[0]
+    k = len(whole_rows) - len(resumed_rows)
+    assert resumed_rows == whole_rows[k:] and 0 < k < len(whole_rows)
+    assert first_rows[:k] == whole_rows[:k] and len(first_rows) - k == redone
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     # metrics.csv: every row once, equal to the uninterrupted run's.
@@ -154,6 +158,16 @@ def test_sft_epoch_end_checkpoint_resumes_exactly(sft_setup, tmp_path):
     # Checkpoints written only at the end of each epoch (ModelCheckpoint's on_train_epoch_end).
     ckpt = {"every_n_epochs": 1, "save_on_train_epoch_end": True}
     kill_and_resume(*sft_setup, tmp_path, kill_at=5, max_epochs=2, limit_val_batches=0, ckpt=ckpt)
+
+
+def test_sft_killed_steps_after_its_checkpoint_resumes_exactly(sft_setup, tmp_path):
+    # Checkpoints every 3 steps, killed after step 8: the six rows of steps 6 and 7 (training,
+    # learning rate, validation) are in metrics.csv, dropped on resume and logged again.
+    ckpt = {"every_n_train_steps": 3}
+    callbacks = [LearningRateMonitor(logging_interval="step")]
+    kwargs = dict(max_epochs=2, val_check_interval=2, ckpt=ckpt, callbacks=callbacks)
+    rows = kill_and_resume(*sft_setup, tmp_path, kill_at=8, redone=6, **kwargs)
+    assert any("lr-AdamW" in m for _, m in rows)
 
 
 def test_sft_crashed_mid_batch_resumes_from_the_exception_checkpoint(sft_setup, tmp_path):
