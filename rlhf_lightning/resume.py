@@ -26,7 +26,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.loggers import log_positions, resume_logs, start_resumed_logs
-from rlhf_lightning.rng import all_ranks_rng_states, rng_state, set_rng_state
+from rlhf_lightning.rng import gather_ranks, rng_state, set_rng_state
 
 
 def _mid_batch(trainer: L.Trainer) -> bool:
@@ -49,7 +49,7 @@ class ExactResume:
         mid_batch = trainer is not None and _mid_batch(trainer)
         checkpoint["mid_batch"] = mid_batch
         local = self._rng_after_batch if mid_batch and self._rng_after_batch is not None else rng_state()
-        checkpoint["rng_states"] = all_ranks_rng_states(local)  # one per rank
+        checkpoint["rng_states"] = gather_ranks(local)  # one per rank
         if trainer is not None:
             rows = self._log_rows_after_batch if mid_batch else None
             checkpoint["log_rows"] = rows if rows is not None else log_positions(trainer)

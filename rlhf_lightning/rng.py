@@ -4,7 +4,7 @@ A resumed run continues the very same run only if the streams that training draw
 (dropout, rollout sampling, anything in numpy or ``random``) are where they were when the
 checkpoint was written. :func:`rng_state` captures torch (CPU and every CUDA device),
 numpy and Python's ``random`` as tensors and plain numbers (loadable by
-``torch.load(weights_only=True)``); :func:`all_ranks_rng_states` gathers one per rank,
+``torch.load(weights_only=True)``); :func:`gather_ranks` collects one per rank,
 since every rank draws its own stream; :func:`set_rng_state` puts one back.
 """
 
@@ -52,12 +52,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((s["name"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
 
 
-def all_ranks_rng_states(state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """``state`` (default: :func:`rng_state`) of every rank, in rank order (a collective: call it on every rank)."""
-    state = rng_state() if state is None else state
+def gather_ranks(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective under several processes: call it on every rank)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
