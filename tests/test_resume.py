@@ -17,6 +17,7 @@ from rlhf_lightning.data.datamodules import PreferenceDataModule, SFTDataModule
 from rlhf_lightning.data.samplers import EpochShuffleSampler, ResumableDataLoader
 from rlhf_lightning.loggers import ResumableCSVLogger
 from rlhf_lightning.systems.dpo import DPOModule
+from rlhf_lightning.systems.reward import RewardModule
 from rlhf_lightning.systems.sft import SFTModule
 
 TIMING = ("time", "per_sec", "throughput")
@@ -177,8 +178,9 @@ def test_sft_crashed_mid_batch_resumes_from_the_exception_checkpoint(sft_setup, 
     kill_and_resume(*sft_setup, tmp_path, kill_at=3, mid_batch=True, max_epochs=2, val_check_interval=2, ckpt=ckpt)
 
 
-# ----------------------------------------------------------------------------- DPO
-def test_dpo_killed_mid_epoch_resumes_exactly(tokenizer_dir, tiny_config, tmp_path):
+# ----------------------------------------------------------------------------- DPO and reward
+@pytest.fixture()
+def pairs_setup(tokenizer_dir, tiny_config, tmp_path):
     from rlhf_lightning.models import load_causal_lm, load_tokenizer, save_hf
 
     torch.manual_seed(0)
@@ -191,13 +193,39 @@ def test_dpo_killed_mid_epoch_resumes_exactly(tokenizer_dir, tiny_config, tmp_pa
     ]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
 
-    def make_module():
-        return DPOModule(model=str(tmp_path / "sft"), tokenizer=tokenizer_dir)
+    def make_data(group_by_length=False):
+        return PreferenceDataModule(
+            tokenizer=tokenizer_dir, train_file=data, val_fraction=0.0, batch_size=2, group_by_length=group_by_length
+        )
 
-    def make_data():
-        return PreferenceDataModule(tokenizer=tokenizer_dir, train_file=data, val_fraction=0.0, batch_size=2)
+    return str(tmp_path / "sft"), make_data
+
+
+def test_dpo_killed_mid_epoch_resumes_exactly(tokenizer_dir, pairs_setup, tmp_path):
+    sft, make_data = pairs_setup
+
+    def make_module():
+        return DPOModule(model=sft, tokenizer=tokenizer_dir)
 
     kill_and_resume(make_module, make_data, tmp_path / "run", kill_at=4, max_epochs=2, limit_val_batches=0)
+
+
+def test_reward_with_length_grouped_batches_killed_at_an_epoch_boundary_resumes_exactly(
+    tokenizer_dir, pairs_setup, tmp_path
+):
+    sft, make_data = pairs_setup
+
+    def make_module():
+        return RewardModule(model=sft, tokenizer=tokenizer_dir, disable_dropout=False)
+
+    kill_and_resume(
+        make_module,
+        lambda: make_data(group_by_length=True),
+        tmp_path / "run",
+        kill_at=6,
+        max_epochs=2,
+        limit_val_batches=0,
+    )
 
 
 # ----------------------------------------------------------------------------- the pieces
