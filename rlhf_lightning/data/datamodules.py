@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from rlhf_lightning.data.collate import (
     PreferenceCollator,
@@ -28,8 +28,10 @@ from rlhf_lightning.data.collate import (
 )
 from rlhf_lightning.data.records import load_examples
 from rlhf_lightning.data.samplers import (
+    EpochShuffleSampler,
     LengthGroupedSampler,
     RankShare,
+    ResumableDataLoader,
     TokenWindowSampler,
     WindowedFeatures,
     example_length,
@@ -172,20 +174,28 @@ class RLHFDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: list, batch_size: int, shuffle: bool) -> DataLoader:
         hp = self.hparams
+        # A loader's own generator: starting a pass never draws from the global RNG, which
+        # a resumed run restores and training (dropout, sampling) consumes.
+        generator = torch.Generator().manual_seed(hp.seed)
         if not shuffle:
             return DataLoader(
-                dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collator(), num_workers=hp.num_workers
+                dataset,
+                batch_size=batch_size,
+                shuffle=False,
+                generator=generator,
+                collate_fn=self.collator(),
+                num_workers=hp.num_workers,
             )
-        generator = torch.Generator().manual_seed(hp.seed)
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
-        sampler: Sampler | None = None
+        # Each epoch's order is a function of (seed, epoch): a resumed run draws the same one.
+        sampler: Sampler = EpochShuffleSampler(len(dataset), hp.seed)
         if hp.get("group_by_length", False):  # PromptDataModule does not offer it
-            sampler = LengthGroupedSampler([example_length(f) for f in dataset], batch_size * world, generator)
+            sampler = LengthGroupedSampler([example_length(f) for f in dataset], batch_size * world, seed=hp.seed)
         if self.token_weighted:
-            # The same seeded order as the plain shuffled loader, tagged for exact accumulation.
+            # The same seeded order, tagged for exact accumulation.
             sampler = TokenWindowSampler(
-                sampler or RandomSampler(dataset, generator=generator),
+                sampler,
                 [scored_tokens(f) for f in dataset],
                 batch_size,
                 accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
@@ -193,20 +203,24 @@ class RLHFDataModule(L.LightningDataModule):
             )
             dataset = WindowedFeatures(dataset)
         dist = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if sampler is not None and dist and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+        if dist and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
             sampler = RankShare(sampler, dist["num_replicas"], dist["rank"])  # see RankShare: no reshuffle
-        if sampler is None:
-            return DataLoader(
-                dataset,
-                batch_size=batch_size,
-                shuffle=True,
-                generator=generator,
-                collate_fn=self.collator(),
-                num_workers=hp.num_workers,
-            )
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(), num_workers=hp.num_workers
+        return ResumableDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            generator=generator,
+            collate_fn=self.collator(),
+            num_workers=hp.num_workers,
+            progress=self._train_progress,
         )
+
+    def _train_progress(self) -> tuple[int, int]:
+        """``(epoch, batches of it trained)`` as the Trainer counts them (saved in checkpoints)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _require_setup(self) -> list[dict[str, Any]]:
         if self.train_dataset is None:
@@ -214,7 +228,8 @@ class RLHFDataModule(L.LightningDataModule):
         return self.train_dataset
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches."""
+        """Shuffled training batches: each epoch's order is a function of ``(seed, epoch)``, and
+        checkpoints carry the position in it (:class:`ResumableDataLoader`)."""
         return self._loader(self._require_setup(), self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -1,16 +1,22 @@
-"""Samplers for training data: length-grouped batches and exact token accounting per optimizer step.
+"""Samplers for training data: a seeded shuffle per epoch, length-grouped batches, exact token
+accounting per optimizer step, and batches that resume mid-epoch.
 
-``LengthGroupedSampler`` draws batches of similar lengths (less padding), reshuffled every
-epoch. ``TokenWindowSampler`` tags each example with the number of scored tokens of its
+Every training order is a pure function of ``(seed, epoch)`` (:func:`epoch_generator`), so a
+resumed run draws the very same order as an uninterrupted one; Lightning sets the epoch
+(``set_epoch``) and :class:`ResumableDataLoader` skips the batches a checkpoint had
+already trained on. ``LengthGroupedSampler`` draws batches of similar lengths (less
+padding). ``TokenWindowSampler`` tags each example with the number of scored tokens of its
 optimizer step, so the SFT loss can divide by it and gradient accumulation is exact.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rlhf_lightning.data.collate import IGNORE_INDEX
 
@@ -23,6 +29,35 @@ def scored_tokens(features: dict[str, Any]) -> int:
 def example_length(features: dict[str, Any]) -> int:
     """Tokens of the longest sequence in a feature dict (both sides of a preference pair)."""
     return max(len(v) for k, v in features.items() if k.endswith("input_ids"))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator seeded from ``(seed, epoch)`` alone: epoch ``e``'s shuffle never depends on
+    how many epochs this process has run (seeds ``(0, 1)`` and ``(1, 0)`` differ too)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _set_epoch(sampler: Any, epoch: int) -> None:
+    set_epoch = getattr(sampler, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` that is a function of ``(seed, epoch)`` only."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist())
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -39,14 +74,22 @@ class LengthGroupedSampler(Sampler[int]):
         lengths: length of every example.
         chunk: indices per group (a global batch).
         generator: drives both shuffles; seed it identically on every rank.
+        seed: instead of ``generator``: each epoch's shuffles come from
+            :func:`epoch_generator` ``(seed, epoch)`` (resumable; Lightning sets the epoch).
     """
 
-    def __init__(self, lengths: list[int], chunk: int, generator: torch.Generator | None = None):
+    def __init__(
+        self, lengths: list[int], chunk: int, generator: torch.Generator | None = None, seed: int | None = None
+    ):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.lengths = list(lengths)
         self.chunk = chunk
         self.generator = generator
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -56,11 +99,12 @@ class LengthGroupedSampler(Sampler[int]):
 
         if not self.lengths:
             return iter([])
-        order = get_length_grouped_indices(self.lengths, self.chunk, generator=self.generator)
+        generator = self.generator if self.seed is None else epoch_generator(self.seed, self.epoch)
+        order = get_length_grouped_indices(self.lengths, self.chunk, generator=generator)
         chunks = [order[i : i + self.chunk] for i in range(0, len(order), self.chunk)]
         first = max(range(len(chunks)), key=lambda c: max(self.lengths[i] for i in chunks[c]))
         rest = [c for c in range(len(chunks)) if c != first]
-        rest = [rest[j] for j in torch.randperm(len(rest), generator=self.generator).tolist()]
+        rest = [rest[j] for j in torch.randperm(len(rest), generator=generator).tolist()]
         return iter([i for c in [first, *rest] for i in chunks[c]])
 
 
@@ -87,6 +131,9 @@ class TokenWindowSampler(Sampler[tuple[int, float]]):
     ):
         self.base, self.counts = base, list(counts)
         self.batch_size, self.accumulate, self.world_size = batch_size, max(1, accumulate), max(1, world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        _set_epoch(self.base, epoch)
 
     def __len__(self) -> int:
         n = len(self.base)
@@ -148,3 +195,43 @@ class WindowedFeatures(Dataset):
     def __getitem__(self, key: tuple[int, float]) -> dict[str, Any]:
         index, denominator = key
         return {**self.features[index], "loss_denominator": denominator}
+
+
+class ResumableDataLoader(DataLoader):
+    """Training batches whose position a checkpoint carries and a resumed run starts from.
+
+    Lightning saves ``state_dict()`` of a training loader that has one in every checkpoint
+    and calls ``load_state_dict`` on resume before the first batch is drawn. The state is
+    the epoch and the number of its batches already trained on, as the Trainer counts them
+    (``progress``, given by the DataModule); the order of an epoch is a function of the
+    epoch alone (:func:`epoch_generator`), so the resumed pass sets the sampler's epoch and
+    skips that many batches of it, once.
+
+    Args:
+        progress: returns ``(epoch, batches of it trained)``; None: always ``(0, 0)``.
+        *args, **kwargs: those of ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress() if self.progress is not None else (0, 0)
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Lightning wraps the sampler under DDP; the wrapper passes the epoch on.
+        for sampler in {id(s): s for s in (self.sampler, getattr(self.batch_sampler, "sampler", None))}.values():
+            _set_epoch(sampler, state["epoch"])
+        self._skip = state["batches"]
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):  # the batches the checkpoint had trained on
+            next(iterator)
+        return iterator

@@ -171,6 +171,19 @@ class RolloutBuffer:
         self._rollouts.clear()
         self._merged = None
 
+    def state_dict(self) -> dict[str, list[dict[str, torch.Tensor | list[str] | None]]]:
+        """The stored rollouts as plain fields (on the CPU), for checkpoints."""
+        return {"rollouts": [r.to("cpu")._tensors() for r in self._rollouts]}
+
+    def load_state_dict(self, state: dict[str, list[dict[str, torch.Tensor | list[str] | None]]]) -> None:
+        self._rollouts = [Rollout(**fields) for fields in state["rollouts"]]
+        self._merged = None
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the stored rollouts to ``device`` (after loading them from a checkpoint)."""
+        self._rollouts = [r.to(device) for r in self._rollouts]
+        self._merged = None
+
     def all(self) -> Rollout:
         """All stored samples as one Rollout (cached until the next ``add``/``clear``)."""
         if not self._rollouts:

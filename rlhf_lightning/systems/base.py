@@ -17,7 +17,8 @@ its models in :meth:`RLHFSystem.build_models`. The base then takes care of:
 * **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer; with LoRA the
   adapter is merged into the exported weights unless ``lora.export`` is ``adapter``;
 * **checkpoints** of a LoRA model whose base reloads from an export hold the adapter and
-  the fully trained modules, not the frozen base weights.
+  the fully trained modules, not the frozen base weights; with :class:`ExactResume` they
+  carry what a resumed run needs to continue the very same run (``resume.py``).
 
 The maths stays in ``losses.py``, ``advantages.py`` and ``logprobs.py``; log-probs of
 responses come from ``models.response_logprobs``.
@@ -50,9 +51,10 @@ from rlhf_lightning.models import (
     save_hf,
 )
 from rlhf_lightning.optim import build_optimization
+from rlhf_lightning.resume import ExactResume
 
 
-class RLHFSystem(L.LightningModule):
+class RLHFSystem(ExactResume, L.LightningModule):
     """Base of every system (see the module docstring)."""
 
     def _setup(self, tokenizer: str | None, optimizer, lr_scheduler, trust_remote_code: bool) -> None:
@@ -160,8 +162,10 @@ class RLHFSystem(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
             del state[key]
+        super().on_save_checkpoint(checkpoint)  # ExactResume: RNG streams, log positions
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         frozen = tuple(f"{name}." for name in self._frozen)
         base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]

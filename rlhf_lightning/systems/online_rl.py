@@ -46,6 +46,7 @@ from rlhf_lightning.rl.estimators import EstimatorSettings, get_estimator
 from rlhf_lightning.rl.learner import Learner
 from rlhf_lightning.rl.rewards import RewardFunctionSpec, RewardSources
 from rlhf_lightning.rl.rollout import Rollout, RolloutBuffer
+from rlhf_lightning.rng import gather_ranks
 from rlhf_lightning.systems.base import PolicySystem
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -346,24 +347,40 @@ class OnlineRLModule(PolicySystem):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out
+        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out; RNG streams
+        own = {  # each rank's own: its minibatch shuffle and the rollouts it collected towards the next update
+            "minibatch_generator": self.minibatch_generator.get_state(),
+            "buffer": self.buffer.state_dict(),
+        }
         checkpoint["ppo_state"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
             "iteration": self.iteration,
-            "minibatch_generator": self.minibatch_generator.get_state(),
+            "next_group": self.engine._next_group if self.engine is not None else 0,
+            "ranks": gather_ranks(own),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("ppo_state")
-        if state is not None:
-            self.kl_ctl.load_state_dict(state["kl_ctl"])
-            self.iteration = int(state["iteration"])
-            self.minibatch_generator.set_state(state["minibatch_generator"])
+        if state is None:
+            return
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.iteration = int(state["iteration"])
+        if self.engine is not None:  # built by configure_model, which Lightning calls before loading
+            self.engine._next_group = int(state.get("next_group", 0))
+        ranks = state.get("ranks") or [{"minibatch_generator": state["minibatch_generator"]}]  # older checkpoints
+        own = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
+        self.minibatch_generator.set_state(own["minibatch_generator"])
+        self.buffer.load_state_dict(own.get("buffer", {"rollouts": []}))
 
     def on_fit_start(self) -> None:
         # One seed drives everything; each rank offsets it so rollouts differ across ranks.
+        # A resumed run (iteration > 0) restores its streams instead (on_train_start).
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank
         if self.iteration == 0:
             self.minibatch_generator.manual_seed(seed)
             torch.manual_seed(seed)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.buffer.to(self.device)  # rollouts loaded from a checkpoint sit on the CPU

@@ -1,0 +1,109 @@
+"""Exact resume: what a checkpoint carries beyond weights, optimizer and Lightning's loop counters.
+
+:class:`ExactResume` is mixed into every system (``systems/base.py``). Each checkpoint
+gets, besides what Lightning writes:
+
+* ``rng_states``: every rank's RNG streams (``rng.py``), restored as training starts (after
+  the sanity check and the loaders' set-up, which a resumed run does and an uninterrupted
+  one did long before);
+* ``log_rows``: where each :class:`~rlhf_lightning.loggers.ResumableCSVLogger` file
+  continues;
+* ``mid_batch``: whether it was written in the middle of a batch (on an exception, by
+  ``ModelCheckpoint(save_on_exception=True)``). The resumed run does that batch again, so
+  such a checkpoint holds the RNG streams and log position of the batch's start, and
+  Lightning's logging step, which a restart counts one too far for such a checkpoint, is
+  set back.
+
+The position in the data is the training loader's (``data/samplers.ResumableDataLoader``);
+the online-RL state (KL controller, iteration, rollout buffer) is the system's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from rlhf_lightning.loggers import log_positions, resume_logs, start_resumed_logs
+from rlhf_lightning.rng import gather_ranks, rng_state, set_rng_state
+
+
+def _mid_batch(trainer: L.Trainer) -> bool:
+    """Whether a batch has been drawn and not yet trained on (a save on an exception)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.ready > progress.processed
+
+
+class ExactResume:
+    """LightningModule hooks that make a run resumed from a checkpoint continue the very same run."""
+
+    _rng_to_restore: list[dict[str, Any]] | None = None
+    _rng_after_batch: dict[str, Any] | None = None  # this rank's streams as the last batch ended
+    _log_rows_after_batch: dict[str, int] | None = None
+    _logs_resumed = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        trainer = self._trainer
+        mid_batch = trainer is not None and _mid_batch(trainer)
+        checkpoint["mid_batch"] = mid_batch
+        local = self._rng_after_batch if mid_batch and self._rng_after_batch is not None else rng_state()
+        checkpoint["rng_states"] = gather_ranks(local)  # one per rank
+        if trainer is not None:
+            rows = self._log_rows_after_batch if mid_batch else None
+            checkpoint["log_rows"] = rows if rows is not None else log_positions(trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._rng_to_restore = checkpoint.get("rng_states")
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if "log_rows" in checkpoint:
+            resume_logs(trainer, checkpoint["log_rows"])
+            self._logs_resumed = True
+        if checkpoint.get("mid_batch"):
+            # Lightning's restart adds one to the logging step, as for a checkpoint written at
+            # a batch's end; here the interrupted batch is done again under its own step.
+            loop = checkpoint.get("loops", {}).get("fit_loop", {})
+            state = loop.get("epoch_loop.state_dict", {})
+            done = loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("completed", 0)
+            if "_batches_that_stepped" in state and done % trainer.accumulate_grad_batches == 0:
+                state["_batches_that_stepped"] -= 1
+
+    def on_train_start(self) -> None:
+        """Take up this rank's RNG streams where the checkpoint left them.
+
+        Here rather than at loading: Lightning loads a checkpoint before the sanity check,
+        the building of the loaders and the ``on_train_start`` of callbacks, whatever they
+        draw; from here on a resumed run draws exactly what the uninterrupted one drew after
+        the checkpoint was written.
+        """
+        super().on_train_start()
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if states and len(states) == self.trainer.world_size:
+            set_rng_state(states[self.global_rank])
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds the RNG streams of {len(states)} ranks, this run has "
+                f"{self.trainer.world_size}: they are not restored, so the run is not continued exactly"
+            )
+        self._mark_batch_end()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        out = super().on_train_batch_start(batch, batch_idx)
+        if self._logs_resumed:
+            # The step Lightning logs this batch's metrics at (its LearningRateMonitor reads it so).
+            start_resumed_logs(self.trainer, self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+            self._logs_resumed = False
+        return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self._mark_batch_end()
+
+    def _mark_batch_end(self) -> None:
+        """What a checkpoint written in the middle of the next batch holds: the state as it started."""
+        self._rng_after_batch = rng_state()
+        self._log_rows_after_batch = log_positions(self.trainer)
