@@ -371,5 +371,7 @@ def test_several_rollout_batches_per_learning_phase(exports, tmp_path):
         assert seen == [(0, 0, 0), (1, 2, 1)]
         assert len(module.learner.update_stats) == 2 and module.learner.update_stats[0]["ratio_mean"].item() == 1.0
         weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+    # Equal up to float rounding of the two forward orders; AdamW's normalised step can turn a
+    # rounding-level gradient difference on a near-zero gradient into a few 1e-6 of weight.
     for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-5)
