@@ -79,7 +79,7 @@ def test_two_assistant_turns_in_a_row_are_an_error(tmp_path):
 
 # ----------------------------------------------------------------------------- exports
 def test_missing_export_directory_says_which_stage_writes_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"runs/x/sft/hf does not exist.*written by an earlier stage"):
+    with pytest.raises(FileNotFoundError, match=r"runs/x/sft/hf does not exist.*written by the 'sft' stage"):
         load_tokenizer("runs/x/sft/hf")
 
 

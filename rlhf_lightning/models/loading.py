@@ -43,9 +43,11 @@ def check_source(
     if not looks_local:
         return
     if not path.exists():
+        # Exports live at <run dir>/<stage>/hf: name the stage that writes this one.
+        writer = f"the {path.parent.name!r} stage" if path.name == "hf" and path.parent.name else "an earlier stage"
         raise FileNotFoundError(
             f"{what} path {text} does not exist. It should be an export directory (config.json, weights, "
-            "tokenizer) written by an earlier stage (<stage dir>/hf); run that stage first or fix the path."
+            f"tokenizer) written by {writer}; run that stage first or fix the path."
         )
     if not path.is_dir():
         raise NotADirectoryError(f"{what} path {text} is a file; give the export directory that holds it")
