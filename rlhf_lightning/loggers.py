@@ -46,9 +46,9 @@ class _ContinuingWriter(ExperimentWriter):
         self._started = False
 
     def _check_log_dir_exists(self) -> None:
-        # Lightning deletes the old metrics.csv here; whether it is continued or set aside
-        # is decided at the first write instead, once it is known whether the run resumes.
-        pass
+        """Deliberately keeps the old metrics.csv (Lightning's version deletes it here): whether
+        it is continued or set aside is decided at the first write, once it is known whether
+        the run resumes."""
 
     def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
         super().log_metrics(metrics_dict, step)
