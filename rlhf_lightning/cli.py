@@ -4,6 +4,7 @@
   (``trainer_cli.py``);
 * ``demo-data --out DIR``: write the bundled demo task (data, tokenizer, summary);
 * ``pipeline -c configs/quickstart.yaml``: every stage end to end;
+* ``sweep -c configs/frontier.yaml``: a grid of settings x seeds of stages, and the frontier report;
 * ``evaluate``: sample from several policies and compare them.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_lightning import pipeline
+from rlhf_lightning.pipeline import sweep
 from rlhf_lightning.data import demo
 from rlhf_lightning.eval import evaluate
 from rlhf_lightning.trainer_cli import quiet_known_false_alarms, run_lightning_cli
@@ -23,6 +25,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "demo-data": demo.main,
     "pipeline": pipeline.main,
+    "sweep": sweep.main,
     "evaluate": evaluate.main,
 }
 

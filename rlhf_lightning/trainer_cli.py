@@ -119,3 +119,44 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> RLHFCL
         args=args,
         run=run,
     )
+
+
+class _ParseOnly(RLHFCLI):
+    """Parses and validates a config (types, unknown keys, interpolations); builds and runs nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand) -> None:
+        pass
+
+
+def parse_only(config: dict, subcommand: str = "fit") -> dict:
+    """Validate a stage config as ``rlhf-lightning fit -c`` would, without building anything.
+
+    Returns the parsed config as a dict; a bad key or value exits (``SystemExit``) after the
+    parser has printed what is wrong, as the command line does.
+    """
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+        f.flush()
+        cli = _ParseOnly(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=ConciseParser,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            args=[subcommand, "-c", f.name],
+        )
+    return cli.config[subcommand].as_dict()

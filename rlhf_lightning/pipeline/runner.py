@@ -6,7 +6,9 @@ sets the stage's ``inputs`` (what the registry says it consumes, by name) and
 overrides, writes the result to ``<run_dir>/<stage>/config.yaml`` (re-runnable by hand
 with ``rlhf-lightning fit -c``) and runs it. A stage whose output exists is skipped;
 with ``--resume`` an interrupted stage continues from its ``last.ckpt``. Progress and
-wall times are kept in ``<run_dir>/pipeline_state.json``.
+wall times are kept in ``<run_dir>/pipeline_state.json``. ``--exports {stage: path}`` takes
+a stage's export from elsewhere (another run's SFT model, say): that stage is then not
+trained, and everything that reads it reads the given path.
 """
 
 from __future__ import annotations
@@ -88,22 +90,24 @@ class Pipeline:
             default = str(self.run_dir / "data" / DEMO_FILES[name]) if self.uses_demo or name == "tokenizer" else None
             values[name] = data.get(name) or default
         values["gold_reward"] = self.cfg.get("gold_reward")
+        given = self.cfg.get("exports") or {}
         for stage in STAGES.values():
             if stage.trains:
-                values[stage.name] = str(self.export(stage.name))
+                values[stage.name] = str(given.get(stage.name) or self.export(stage.name))
         return values
 
     @staticmethod
     def path_exists(path: str | None) -> bool:
         return path is not None and Path(path).exists()
 
-    def resolve_inputs(self, stage: Stage) -> dict[str, str | None]:
-        """The values of what ``stage`` consumes; a missing export is an error naming its stage."""
+    def resolve_inputs(self, stage: Stage, check: bool = True) -> dict[str, str | None]:
+        """The values of what ``stage`` consumes; with ``check``, a missing export is an error naming
+        its stage (without, the values are returned as they will be once the exports exist)."""
         values = self.inputs
         out = {}
         for name in stage.consumes:
             value = values[name]
-            if name in STAGES and not (Path(value) / "config.json").exists():
+            if check and name in STAGES and not (Path(value) / "config.json").exists():
                 raise FileNotFoundError(
                     f"stage {stage.name!r} reads the export of stage {name!r}, but {value} holds none: "
                     f"run the {name!r} stage first (add it to --only, or remove it from --only's skips)"
@@ -112,17 +116,20 @@ class Pipeline:
         return out
 
     def _done(self, stage: Stage) -> bool:
+        if stage.trains and stage.name in (self.cfg.get("exports") or {}):
+            return True  # made elsewhere
         if stage.trains:
             return (self.export(stage.name) / "config.json").exists()
         return stage.done(self)
 
     # ------------------------------------------------------------------ training stages
-    def stage_config(self, stage: Stage) -> dict[str, Any]:
-        """The stage's YAML with its inputs, its directory, the seed and the user's overrides set."""
+    def stage_config(self, stage: Stage, check: bool = True) -> dict[str, Any]:
+        """The stage's YAML with its inputs, its directory, the seed and the user's overrides set
+        (``check``: see :meth:`resolve_inputs`)."""
         spec = self.stage_specs.get(stage.name) or {}
         cfg = yaml.safe_load(config_path(spec.get("config") or stage.config).read_text())
         cfg["seed_everything"] = self.cfg["seed"]
-        cfg.setdefault("inputs", {}).update(self.resolve_inputs(stage))
+        cfg.setdefault("inputs", {}).update(self.resolve_inputs(stage, check))
         cfg.setdefault("trainer", {})["default_root_dir"] = str(self.run_dir / stage.name)
         for key, value in (spec.get("overrides") or {}).items():  # dotted keys, e.g. trainer.max_steps
             _set_dotted(cfg, key, value)
@@ -169,18 +176,19 @@ class Pipeline:
             train_tokenizer(texts, vocab_size=data.get("vocab_size", 2000), out_dir=self.inputs["tokenizer"])
 
     def evaluate(self) -> None:
-        """Every policy export of this run against the SFT export, on the held-out prompts."""
+        """Every policy export this run holds or was given, against the SFT export, on the held-out prompts."""
         from rlhf_lightning.eval import evaluate_policies
         from rlhf_lightning.generation import SamplingConfig
 
         inputs = self.resolve_inputs(STAGES["evaluate"])
         ev = self.cfg.get("evaluate") or {}
+        everything = self.inputs
         policies = {
-            s.name: str(self.export(s.name))
+            s.name: everything[s.name]
             for s in STAGES.values()
-            if s.policy and (self.export(s.name) / "config.json").exists()
+            if s.policy and (Path(everything[s.name]) / "config.json").exists()
         }
-        reward = self.export("reward")
+        reward = Path(everything["reward"])
         evaluate_policies(
             policies,
             prompts_file=inputs["heldout_prompts_file"],
@@ -194,7 +202,7 @@ class Pipeline:
                 top_p=ev.get("top_p", 1.0),
             ),
             max_prompts=ev.get("max_prompts"),
-            seed=self.cfg["seed"],
+            seed=ev.get("seed", self.cfg["seed"]),
             out_dir=str(self.run_dir),
         )
 
@@ -273,7 +281,15 @@ def build_parser() -> ArgumentParser:
         "--evaluate",
         type=dict[str, Any] | None,
         default=None,
-        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts",
+        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts, "
+        "seed (default: --seed)",
+    )
+    parser.add_argument(
+        "--exports",
+        type=dict[str, str] | None,
+        default=None,
+        help="exports of training stages made elsewhere, {stage: path}: used as that stage's output, "
+        "which is then not trained here",
     )
     return parser
 
@@ -297,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(only or ()) - set(STAGES))
     if unknown:
         parser.error(f"--only names {unknown}, which are not stages of {list(STAGES)}")
+    unknown = sorted(set(cfg.get("exports") or {}) - {s.name for s in STAGES.values() if s.trains})
+    if unknown:
+        parser.error(f"--exports names {unknown}, which are not training stages of {list(STAGES)}")
     names = [
         s.name
         for s in STAGES.values()
