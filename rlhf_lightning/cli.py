@@ -5,7 +5,8 @@
 * ``demo-data --out DIR``: write the bundled demo task (data, tokenizer, summary);
 * ``pipeline -c configs/quickstart.yaml``: every stage end to end;
 * ``sweep -c configs/frontier.yaml``: a grid of settings x seeds of stages, and the frontier report;
-* ``evaluate``: sample from several policies and compare them.
+* ``evaluate``: sample from several policies and compare them;
+* ``best-of-n``: best-of-n curves of a policy under the proxy reward model, scored by the gold reward.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_lightning import pipeline
-from rlhf_lightning.pipeline import sweep
 from rlhf_lightning.data import demo
-from rlhf_lightning.eval import evaluate
+from rlhf_lightning.eval import best_of_n, evaluate
+from rlhf_lightning.pipeline import sweep
 from rlhf_lightning.trainer_cli import quiet_known_false_alarms, run_lightning_cli
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -27,6 +28,7 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "pipeline": pipeline.main,
     "sweep": sweep.main,
     "evaluate": evaluate.main,
+    "best-of-n": best_of_n.main,
 }
 
 

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_is_the_product_of_values_then_seeds_in_order():
     points = expand_grid(
         {
-            "dpo": {"grid": {"model.init_args.beta": [0.1, 0.3], "model.init_args.optimizer.init_args.lr": [1e-4, 3e-4]}},
+            "dpo": {
+                "grid": {"model.init_args.beta": [0.1, 0.3], "model.init_args.optimizer.init_args.lr": [1e-4, 3e-4]}
+            },
             "grpo_gold": {"stage": "grpo", "grid": {"model.init_args.init_kl_coef": [0.04]}, "seeds": [7]},
         },
         seeds=[0, 1],
@@ -65,7 +67,11 @@ def test_bad_grids_fail_with_the_key_named(sweeps, seeds, message):
 
 
 def _sweep(tmp_path, **cfg) -> Sweep:
-    base = {"data": {"demo": True}, "gold_reward": "rlhf_lightning.data.demo:gold_reward", "stages": {"sft": {}, "reward": {}}}
+    base = {
+        "data": {"demo": True},
+        "gold_reward": "rlhf_lightning.data.demo:gold_reward",
+        "stages": {"sft": {}, "reward": {}},
+    }
     return Sweep({"run_dir": str(tmp_path / "sw"), "seed": 5, "seeds": [0], "base": base, **cfg})
 
 
@@ -119,7 +125,8 @@ def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path, capsys, grid, m
 def test_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
     run_dir = tmp_path / "sw"
     sweeps = {"dpo": {"grid": {"model.init_args.beta": [0.1, 0.5]}}}
-    points = cli_main(["sweep", f"--run_dir={run_dir}", f"--sweeps={json.dumps(sweeps)}", "--seeds=[1]", "--dry_run=true"])
+    argv = ["sweep", f"--run_dir={run_dir}", f"--sweeps={json.dumps(sweeps)}", "--seeds=[1]", "--dry_run=true"]
+    points = cli_main(argv)
     assert [p.name for p in points] == ["dpo/beta=0.1/seed1", "dpo/beta=0.5/seed1"]
     assert "todo  dpo/beta=0.5/seed1" in capsys.readouterr().out and not run_dir.exists()
 
@@ -152,9 +159,7 @@ def test_slurm_scripts_for_a_small_grid():
         max_parallel=2,
         setup="source .venv/bin/activate",
     )
-    header = (
-        "#SBATCH --partition=gpu\n#SBATCH --time=02:00:00\n#SBATCH --cpus-per-task=8\n#SBATCH --gpus-per-task=1\n"
-    )
+    header = "#SBATCH --partition=gpu\n#SBATCH --time=02:00:00\n#SBATCH --cpus-per-task=8\n#SBATCH --gpus-per-task=1\n"
     assert scripts["points.sbatch"] == (
         "#!/bin/bash\n#SBATCH --job-name=sweep-points\n#SBATCH --output=/scratch/sw/slurm/sweep-points-%A_%a.log\n"
         + header

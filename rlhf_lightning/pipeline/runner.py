@@ -281,8 +281,7 @@ def build_parser() -> ArgumentParser:
         "--evaluate",
         type=dict[str, Any] | None,
         default=None,
-        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts, "
-        "seed (default: --seed)",
+        help="sampling for evaluation: max_new_tokens, temperature, top_k, top_p, max_prompts, seed (default: --seed)",
     )
     parser.add_argument(
         "--exports",

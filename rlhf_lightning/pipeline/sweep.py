@@ -135,7 +135,7 @@ def expand_grid(sweeps: dict[str, dict[str, Any]], seeds: list[int]) -> list[Poi
     names = [p.name for p in points]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise SweepConfigError(f"two points share a directory: {twice} (a value repeated, or two values that print alike)")
+        raise SweepConfigError(f"two points share a directory: {twice} (a value repeated, or values that print alike)")
     return points
 
 

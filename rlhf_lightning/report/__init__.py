@@ -14,7 +14,9 @@ missing (a stage, a column, a file) is skipped, never an error.
 * :mod:`~rlhf_lightning.report.io`: reading metrics CSVs, ``eval.json``, samples; stage discovery;
 * :mod:`~rlhf_lightning.report.figures`: the figures (``matplotlib.figure.Figure``, Agg);
 * :mod:`~rlhf_lightning.report.markdown`: :func:`write_report`;
-* :mod:`~rlhf_lightning.report.summary`: :func:`summary_lines`, the terminal summary.
+* :mod:`~rlhf_lightning.report.summary`: :func:`summary_lines`, the terminal summary;
+* :mod:`~rlhf_lightning.report.frontier`: :func:`write_frontier_report`, ``frontier.md`` of a
+  sweep directory (figures in :mod:`~rlhf_lightning.report.frontier_figures`).
 
 The metric columns of the tables are :data:`rlhf_lightning.eval.metrics.METRIC_COLUMNS`.
 """
@@ -27,6 +29,7 @@ from rlhf_lightning.report.figures import (
     plot_rm_accuracy,
     plot_training_curves,
 )
+from rlhf_lightning.report.frontier import write_frontier_report
 from rlhf_lightning.report.io import discover_stages, find_metrics_csv, read_metrics_csv
 from rlhf_lightning.report.markdown import metrics_table, write_report
 from rlhf_lightning.report.summary import summary_lines
@@ -43,5 +46,6 @@ __all__ = [
     "plot_training_curves",
     "read_metrics_csv",
     "summary_lines",
+    "write_frontier_report",
     "write_report",
 ]
