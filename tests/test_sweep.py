@@ -207,3 +207,81 @@ def test_point_describe_matches_its_directory(tmp_path):
     row = p.describe()
     assert row["dir"] == "points/ppo/init_kl_coef=0.1/seed2" and row["setting_label"] == "init_kl_coef=0.1"
     assert row["seed"] == 2 and row["stage"] == "ppo" and row["setting"] == {"model.init_args.init_kl_coef": 0.1}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+QUIET = {"trainer.enable_progress_bar": False, "trainer.limit_val_batches": 1}
+
+
+def _tiny_sweep_args(run_dir: Path) -> list[str]:
+    base = {
+        "data": {
+            "demo": True,
+            "demo_sizes": {"n_sft": 64, "n_pairs": 32, "n_val_pairs": 8, "n_prompts": 16, "n_heldout": 6},
+        },
+        "gold_reward": "rlhf_lightning.data.demo:gold_reward",
+        "stages": {
+            "sft": {"overrides": {"model.init_args.model_config": TINY, "trainer.max_steps": 2, **QUIET}},
+            "reward": {"overrides": {"trainer.max_steps": 1, **QUIET}},
+        },
+    }
+    sweeps = {"dpo": {"overrides": {"trainer.max_steps": 2, **QUIET}, "grid": {"model.init_args.beta": [0.1, 0.5]}}}
+    return [
+        "sweep",
+        f"--run_dir={run_dir}",
+        f"--base={json.dumps(base)}",
+        f"--sweeps={json.dumps(sweeps)}",
+        "--seeds=[0]",
+        '--best_of_n={"n": [1, 2, 4], "max_prompts": 3, "batch_size": 8}',
+        '--evaluate={"max_new_tokens": 6, "max_prompts": 6}',
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_skips_finished_points_and_resumes_an_interrupted_one(tmp_path, capsys):
+    run_dir = tmp_path / "sw"
+    # Two points in parallel subprocesses.
+    status = cli_main([*_tiny_sweep_args(run_dir), "--workers=2"])
+    assert status == {"dpo/beta=0.1/seed0": "done", "dpo/beta=0.5/seed0": "done"}
+    for beta in ("0.1", "0.5"):
+        point = run_dir / f"points/dpo/beta={beta}/seed0"
+        evaluation = json.loads((point / "eval.json").read_text())
+        assert set(evaluation["policies"]) == {"sft", "dpo"}  # the base's SFT export, given, and the point's policy
+        assert evaluation["policies"]["sft"]["kl_to_ref"] == 0.0
+        assert evaluation["settings"]["reference"] == str(run_dir / "base/sft/hf")
+        assert yaml.safe_load((point / "dpo/config.yaml").read_text())["model"]["init_args"]["beta"] == float(beta)
+        assert not (point / "sft").exists()  # nothing but its stage trained there
+    assert json.loads((run_dir / "base/eval.json").read_text())["policies"].keys() == {"sft"}
+    bon = json.loads((run_dir / "best_of_n.json").read_text())
+    assert [p["n"] for p in bon["points"]] == [1, 2, 4]
+    report = (run_dir / "frontier.md").read_text()
+    assert "beta=0.1" in report and "beta=0.5" in report
+
+    # Again: everything is done, nothing runs.
+    capsys.readouterr()
+    status = cli_main(_tiny_sweep_args(run_dir))
+    out = capsys.readouterr().out
+    assert set(status.values()) == {"skipped (done)"}
+    assert "2 points, 2 done, 0 to run" in out and "sweep point" not in out
+
+    # An interrupted point (its checkpoint kept, no export or evaluation yet) continues from last.ckpt.
+    point = run_dir / "points/dpo/beta=0.5/seed0"
+    (point / "eval.json").unlink()
+    for f in (point / "dpo/hf").iterdir():
+        f.unlink()
+    (point / "dpo/hf").rmdir()
+    status = cli_main(_tiny_sweep_args(run_dir))
+    out = capsys.readouterr().out
+    assert status == {"dpo/beta=0.1/seed0": "skipped (done)", "dpo/beta=0.5/seed0": "done"}
+    assert f"resuming dpo from {point / 'dpo/checkpoints/last.ckpt'}" in out
+    assert (point / "eval.json").exists()
