@@ -266,6 +266,8 @@ def test_sweep_end_to_end_skips_finished_points_and_resumes_an_interrupted_one(t
     assert [p["n"] for p in bon["points"]] == [1, 2, 4]
     report = (run_dir / "frontier.md").read_text()
     assert "beta=0.1" in report and "beta=0.5" in report
+    state = json.loads((run_dir / "sweep_state.json").read_text())
+    assert state["workers"] == 2 and set(state["seconds"]) == {"base", "points", "best_of_n", "total"}
 
     # Again: everything is done, nothing runs.
     capsys.readouterr()

@@ -253,23 +253,44 @@ class Sweep:
         with RunDirLock(self.run_dir):
             (self.run_dir / "sweep.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
             self.describe_points()
+            seconds = {}
+            t0 = time.perf_counter()
             self.run_base()
+            seconds["base"] = time.perf_counter() - t0
             todo = [p for p in self.points if not self.is_done(p)]
             status = {p.name: "skipped (done)" for p in self.points if self.is_done(p)}
             print(f"=== sweep: {len(self.points)} points, {len(status)} done, {len(todo)} to run ===", flush=True)
             for p in todo:
                 self.write_point_config(p)
+            t1 = time.perf_counter()
             if workers <= 1:
                 for i, point in enumerate(todo, 1):
                     status[point.name] = self._run_in_process(point, i, len(todo))
             else:
                 status.update(self._run_subprocesses(todo, workers))
+            t2 = time.perf_counter()
+            seconds["points"] = t2 - t1
             self.run_best_of_n()
+            seconds["best_of_n"] = time.perf_counter() - t2
             self.report()
+            seconds["total"] = time.perf_counter() - t0
+            self._save_state(status, seconds, workers)
+        counts = {k: sum(v.split(":")[0].startswith(k) for v in status.values()) for k in ("done", "skipped", "failed")}
+        print(f"=== sweep: {counts} in {seconds['total']:.0f} s ===", flush=True)
         failed = [name for name, s in status.items() if s.startswith("failed")]
         if failed:
             raise RuntimeError(f"{len(failed)} point(s) failed: {failed}; run the same command to retry them")
         return status
+
+    def _save_state(self, status: dict[str, str], seconds: dict[str, float], workers: int) -> None:
+        """``sweep_state.json``: this call's wall times (base, points, best-of-n, total) and each
+        point's status; each point's own stage times are in its ``pipeline_state.json``."""
+        state = {
+            "workers": workers,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "points": status,
+        }
+        (self.run_dir / "sweep_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def _run_in_process(self, point: Point, i: int, n: int) -> str:
         print(f"=== sweep point {i}/{n}: {point.name} ===", flush=True)
