@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: demo test test-fast lint format install clean
+.PHONY: demo frontier test test-fast lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/rlhf-lightning pipeline -c configs/quickstart.yaml --run_dir $(RUN_DIR)
+
+# The reward-KL frontier of the demo task (configs/frontier.yaml): PPO, DPO and GRPO over their KL
+# settings x 3 seeds, best-of-n, Gao et al.'s fits; ends with runs/frontier/frontier.md.
+frontier: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/rlhf-lightning sweep -c configs/frontier.yaml --run_dir runs/frontier
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -183,3 +183,17 @@ def test_write_frontier_report_with_nothing_finished(tmp_path):
     text = write_frontier_report(tmp_path).read_text()
     assert "0 of 1 points finished" in text and "`ppo/init_kl_coef=0.1/seed0`" in text
     assert "No fits." in text and not (tmp_path / "figures").exists()
+
+
+def test_over_optimisation_shows_one_seed_per_setting(sweep_dir):
+    from rlhf_lightning.report.frontier import _trajectories
+
+    # A second seed of the same setting also logged a trajectory: only the lowest seed is drawn.
+    src = sweep_dir / "points/ppo/init_kl_coef=0.1/seed0/ppo/logs/version_0/metrics.csv"
+    dst = sweep_dir / "points/ppo/init_kl_coef=0.1/seed1/ppo/logs/version_0/metrics.csv"
+    dst.parent.mkdir(parents=True)
+    dst.write_text(src.read_text())
+    points, _ = read_points(sweep_dir)
+    trajectories = _trajectories(points)
+    assert [label for label, _ in trajectories["ppo"]] == ["init_kl_coef=0.1 (seed 0)"]
+    assert trajectories["ppo"][0][1]["gold"] == [(0.0, 0.1), (2.0, 0.5), (4.0, 0.45)]

@@ -214,13 +214,15 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 def _trajectories(points: list[SweepPoint]) -> dict[str, list[tuple[str, dict]]]:
     """``{method: [(setting label, eval_trajectory)]}`` of each setting's lowest seed that logged one."""
     out: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    shown: set[tuple[str, str]] = set()
     for p in sorted(points, key=lambda p: (p.method, p.setting_label, p.seed)):
-        if any(label == p.setting_label for label, _ in out[p.method]):
+        if (p.method, p.setting_label) in shown:
             continue
         csv_path = find_metrics_csv(p.dir / p.stage)
         traj = eval_trajectory(read_metrics_csv(csv_path)) if csv_path else {}
         if traj:
-            out[p.method].append((f"{p.setting_label} s{p.seed}", traj))
+            shown.add((p.method, p.setting_label))
+            out[p.method].append((f"{p.setting_label} (seed {p.seed})", traj))
     return out
 
 

@@ -137,7 +137,8 @@ def plot_sweep_overoptimization(
             for name, style in (("gold", "-"), ("proxy", "--")):
                 if name in traj:
                     xs, ys = zip(*traj[name], strict=True)
-                    ax.plot(xs, ys, style, marker="o", markersize=2, color=f"C{i % 10}", label=f"{label} {name}")
+                    legend = label if name == "gold" else None  # one legend entry per setting
+                    ax.plot(xs, ys, style, marker="o", markersize=2, color=f"C{i % 10}", label=legend)
         ax.set_title(f"{method}: gold (—) and proxy (--) along training", fontsize=8)
         ax.set_xlabel("KL(policy || SFT) (nats)", fontsize=8)
         ax.set_ylabel("reward", fontsize=8)
