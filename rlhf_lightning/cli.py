@@ -4,7 +4,9 @@
   (``trainer_cli.py``);
 * ``demo-data --out DIR``: write the bundled demo task (data, tokenizer, summary);
 * ``pipeline -c configs/quickstart.yaml``: every stage end to end;
-* ``evaluate``: sample from several policies and compare them.
+* ``evaluate``: sample from several policies and compare them;
+* ``cai-revise``: SL-CAI data (critique -> revision of policy samples under a constitution);
+* ``cai-label``: AI-feedback preference pairs with soft labels.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_lightning import pipeline
+from rlhf_lightning.cai import commands as cai
 from rlhf_lightning.data import demo
 from rlhf_lightning.eval import evaluate
 from rlhf_lightning.trainer_cli import quiet_known_false_alarms, run_lightning_cli
@@ -24,6 +27,8 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "demo-data": demo.main,
     "pipeline": pipeline.main,
     "evaluate": evaluate.main,
+    "cai-revise": cai.revise_main,
+    "cai-label": cai.label_main,
 }
 
 
