@@ -91,5 +91,5 @@ def test_unreadable_files(tmp_path):
         load_constitution(tmp_path / "missing.yaml")
     with pytest.raises(ConstitutionError, match=r"c.yaml:1: the file is empty"):
         load_constitution(_write(tmp_path, ""))
-    with pytest.raises(ConstitutionError, match=r"c.yaml:2: not valid YAML or JSON"):
+    with pytest.raises(ConstitutionError, match=r"c.yaml:3: not valid YAML or JSON"):
         load_constitution(_write(tmp_path, "principles:\n  - [unclosed\n"))
