@@ -54,7 +54,10 @@ def test_json_is_accepted(tmp_path):
     ("text", "where"),
     [
         # a missing field: the principle's line
-        (GOOD.replace("    revision_request: Make it polite.\n", ""), ":3: principles.0: missing key 'revision_request'"),
+        (
+            GOOD.replace("    revision_request: Make it polite.\n", ""),
+            ":3: principles.0: missing key 'revision_request'",
+        ),
         # an unknown key: its own line
         (GOOD + "    critque: typo\n", ":10: principles.1.critque: unknown key 'critque'"),
         # an empty list

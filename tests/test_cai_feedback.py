@@ -141,9 +141,14 @@ def test_probability_field_in_records_and_batches(tmp_path):
         with pytest.raises(RecordError, match=r"f.jsonl:3: field 'probability' must be a number in \[0, 1\]"):
             parse_preference({"prompt": "p", "chosen": "a", "rejected": "b", "probability": bad}, loc)
     feats = [
-        {"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
-         "rejected_labels": [-100, 7], "probability": p}
+        {
+            "chosen_input_ids": [5, 6],
+            "chosen_labels": [-100, 6],
+            "rejected_input_ids": [5, 7],
+            "rejected_labels": [-100, 7],
+            "probability": p,
+        }
         for p in (0.7, None)
-    ]  # fmt: skip
+    ]
     batch = PreferenceCollator(pad_token_id=0)(feats)
     torch.testing.assert_close(batch["probability"], torch.tensor([0.7, 1.0]))

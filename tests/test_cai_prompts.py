@@ -3,7 +3,6 @@ format, through a ChatML template with a system role, and through the demo token
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 import pytest
@@ -42,7 +41,9 @@ def test_plain_critique_and_revision_prompts():
 def test_plain_format_is_configurable_and_few_shot_comes_first():
     shot = ({"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"})
     const = Constitution(
-        (P,), few_shot=(shot,), chat=ChatFormat(template=False, system="Be kind.", human="U:", assistant="B:", separator="\n")
+        (P,),
+        few_shot=(shot,),
+        chat=ChatFormat(template=False, system="Be kind.", human="U:", assistant="B:", separator="\n"),
     )
     assert critique_prompt(CHAT, "x", P, const, NoTemplate()) == (
         "Be kind.\nU: Q\nB: A\nU: Tell me about the film.\nB: x\nU: Is your answer rude?\nB:"
@@ -110,13 +111,17 @@ def test_demo_demonstrations_use_the_prompts_the_stages_build(tmp_path):
     tok = train_tokenizer(["Review of the film: It was good."] * 5, vocab_size=300, min_frequency=1)
     principle = const.principles[0]
     args = ([{"role": "user", "content": "Review of X:"}], " It was dull.", principle, const)
-    assert critique_prompt(*args, _DemoTemplate()) == critique_prompt(*args, tok) == (
-        "user: Review of X:\nassistant: It was dull.\nuser: Which sentences of your review are negative?\nassistant:"
+    assert (
+        critique_prompt(*args, _DemoTemplate())
+        == critique_prompt(*args, tok)
+        == (
+            "user: Review of X:\nassistant: It was dull.\n"
+            "user: Which sentences of your review are negative?\nassistant:"
+        )
     )
     demos = cai_demonstrations(const, ["Review of X:"], seed=0, n_critique=3, n_revision=3, n_comparison=3)
     assert len(demos) == 9 and all(d["prompt"].endswith("assistant:") for d in demos)
     assert {d["response"] for d in demos[6:]} <= {"(A)", "(B)"}
     assert all(d["response"].startswith(" ") for d in demos[:6])
-    random.Random(0)  # the demonstrations draw from their own seeded generator
     again = cai_demonstrations(const, ["Review of X:"], seed=0, n_critique=3, n_revision=3, n_comparison=3)
     assert again == demos

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from rlhf_lightning.cai import ChatFormat, Constitution, Principle
@@ -86,8 +85,13 @@ def test_degenerate_outputs_are_counted_and_dropped(monkeypatch):
         "response": " r0",
     }
     assert [x["dropped"] for x in t] == [
-        None, "critique_no_eos", "revision_empty", "revision_identical", "revision_no_eos", None
-    ]  # fmt: skip
+        None,
+        "critique_no_eos",
+        "revision_empty",
+        "revision_identical",
+        "revision_no_eos",
+        None,
+    ]
 
 
 def test_rounds_revise_the_latest_revision(monkeypatch):
@@ -142,8 +146,10 @@ def test_chat_conventions_through_sl_cai_and_ai_feedback(tmp_path):
     tok = load_tokenizer(tokenizer_conventions.build("chatml", tmp_path / "tok"))
     save_hf(_eos_prone_chat_model(tok), tok, tmp_path / "policy")
     prompts = tmp_path / "prompts.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Film {i}?"}]}
-            for i in range(12)] + [{"prompt": "A plain prompt."}]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Film {i}?"}]}
+        for i in range(12)
+    ] + [{"prompt": "A plain prompt."}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     const = tmp_path / "c.yaml"
     const.write_text(
@@ -152,23 +158,39 @@ def test_chat_conventions_through_sl_cai_and_ai_feedback(tmp_path):
     )
     sampling = SamplingConfig(max_new_tokens=12)
     out = tmp_path / "revise"
-    stats = run_revise(str(tmp_path / "policy"), str(prompts), str(const), str(out),
-                       ReviseSettings(rounds=2, batch_size=5, sampling=sampling))  # fmt: skip
+    stats = run_revise(
+        str(tmp_path / "policy"),
+        str(prompts),
+        str(const),
+        str(out),
+        ReviseSettings(rounds=2, batch_size=5, sampling=sampling),
+    )
     counts = stats["counts"]
     assert counts["prompts"] == 13 and counts["kept"] >= 1
-    assert counts["kept"] + sum(counts[k] for k in ("critique_no_eos", "revision_no_eos", "revision_empty",
-                                                    "revision_identical")) == 13  # fmt: skip
+    assert (
+        counts["kept"]
+        + sum(counts[k] for k in ("critique_no_eos", "revision_no_eos", "revision_empty", "revision_identical"))
+        == 13
+    )
     transcripts = [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
     assert len(transcripts) == 13 and transcripts[0]["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
     sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == counts["kept"] == len((out / "preferences.jsonl").read_text().splitlines())
     assert json.loads((out / "stats.json").read_text())["counts"] == counts
-    label = run_label(str(tmp_path / "policy"), str(tmp_path / "policy"), str(prompts), str(const),
-                      str(tmp_path / "label"), LabelSettings(samples_per_prompt=3, sampling=sampling, val_fraction=0.25))  # fmt: skip
+    label = run_label(
+        str(tmp_path / "policy"),
+        str(tmp_path / "policy"),
+        str(prompts),
+        str(const),
+        str(tmp_path / "label"),
+        LabelSettings(samples_per_prompt=3, sampling=sampling, val_fraction=0.25),
+    )
     n = label["counts"]
     assert n["samples"] == 39 and n["pairs"] + n["identical_pairs"] == 39
-    pairs = [json.loads(line) for f in ("preferences_train", "preferences_val")
-             for line in (tmp_path / "label" / f"{f}.jsonl").read_text().splitlines()]  # fmt: skip
+    pairs = [
+        json.loads(line)
+        for f in ("preferences_train", "preferences_val")
+        for line in (tmp_path / "label" / f"{f}.jsonl").read_text().splitlines()
+    ]
     assert len(pairs) == n["pairs"] and all(0.5 <= p["probability"] <= 1 for p in pairs)
     assert 0 <= label["orders_disagree"] <= 1
-

@@ -68,8 +68,14 @@ def revise_main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _parser("rlhf-lightning cai-revise", "SL-CAI: critique and revise policy samples", ReviseSettings)
     parser.add_argument("--tokenizer", type=str | None, default=None, help="default: the policy's")
     cfg = parser.parse_args(argv).as_dict()
-    stats = run_revise(cfg["policy"], cfg["prompts"], cfg["constitution"], cfg["out"],
-                       revise_settings(_split(cfg, ReviseSettings)), cfg["tokenizer"])  # fmt: skip
+    stats = run_revise(
+        cfg["policy"],
+        cfg["prompts"],
+        cfg["constitution"],
+        cfg["out"],
+        revise_settings(_split(cfg, ReviseSettings)),
+        cfg["tokenizer"],
+    )
     print(json.dumps(stats["counts"], indent=2))
     return stats
 
@@ -80,7 +86,14 @@ def label_main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--feedback_model", type=str | None, default=None, help="default: the policy")
     parser.add_argument("--gold_reward", type=str | None, default=None, help="module:function, only to measure")
     cfg = parser.parse_args(argv).as_dict()
-    stats = run_label(cfg["policy"], cfg["feedback_model"] or cfg["policy"], cfg["prompts"], cfg["constitution"],
-                      cfg["out"], label_settings(_split(cfg, LabelSettings)), cfg["gold_reward"])  # fmt: skip
+    stats = run_label(
+        cfg["policy"],
+        cfg["feedback_model"] or cfg["policy"],
+        cfg["prompts"],
+        cfg["constitution"],
+        cfg["out"],
+        label_settings(_split(cfg, LabelSettings)),
+        cfg["gold_reward"],
+    )
     print(json.dumps({k: v for k, v in stats.items() if k != "settings"}, indent=2))
     return stats

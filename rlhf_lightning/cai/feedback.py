@@ -117,11 +117,12 @@ def label_pairs(
     const = type(constitution)(constitution.principles, constitution.few_shot, question, constitution.chat)
     texts = []
     for req, (x, y), pr in zip(requests, pairs, principles, strict=True):
-        texts += [feedback_prompt(req, [x, y], pr, const, tokenizer), feedback_prompt(req, [y, x], pr, const, tokenizer)]
+        texts += [
+            feedback_prompt(req, [x, y], pr, const, tokenizer),
+            feedback_prompt(req, [y, x], pr, const, tokenizer),
+        ]
     probs = option_probabilities(model, tokenizer, texts, option_continuations(question), batch_size, max_prompt_length)
-    return [
-        PairLabel(float(probs[2 * i, 0]), float(probs[2 * i + 1, 1]), pr.name) for i, pr in enumerate(principles)
-    ]
+    return [PairLabel(float(probs[2 * i, 0]), float(probs[2 * i + 1, 1]), pr.name) for i, pr in enumerate(principles)]
 
 
 def draw_choice_principles(constitution: Constitution, n: int, seed: int) -> list[Principle]:

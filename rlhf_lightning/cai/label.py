@@ -96,7 +96,7 @@ def run_label(
     counts = {"prompts": len(records), "samples": len(samples), "no_eos": sum(not c.ended for c in samples)}
     counts["identical_pairs"] = 0
     pairs, owners = [], []
-    for n, rec in enumerate(records):
+    for n in range(len(records)):
         group = samples[n * s.samples_per_prompt : (n + 1) * s.samples_per_prompt]
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
@@ -140,10 +140,17 @@ def run_label(
     root = Path(out_dir)
     write_jsonl(root / "preferences_train.jsonl", split["train"])
     write_jsonl(root / "preferences_val.jsonl", split["val"])
-    write_jsonl(root / "samples.jsonl", [{"prompt": t, "response": c.text} for t, c in zip(texts, samples, strict=True)])
+    write_jsonl(
+        root / "samples.jsonl", [{"prompt": t, "response": c.text} for t, c in zip(texts, samples, strict=True)]
+    )
     write_jsonl(root / "labels.jsonl", rows)
-    stats |= {"policy": policy, "feedback_model": feedback_model, "constitution": constitution,
-              "settings": asdict(s), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    stats |= {
+        "policy": policy,
+        "feedback_model": feedback_model,
+        "constitution": constitution,
+        "settings": asdict(s),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     (root / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log.info("AI feedback: %s", {k: v for k, v in stats.items() if k not in ("settings",)})
     return stats

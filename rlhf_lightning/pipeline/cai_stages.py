@@ -49,8 +49,13 @@ def run_cai_stage(p: Pipeline, stage: Stage) -> None:
     elif stage.name == "cai_label":
         settings = label_settings(cfg)
         run_label(
-            inputs["sl_cai"], inputs["sft"], inputs["prompts_file"], constitution, str(out_dir), settings,
+            inputs["sl_cai"],
+            inputs["sft"],
+            inputs["prompts_file"],
+            constitution,
+            str(out_dir),
+            settings,
             gold_reward=inputs.get("gold_reward"),
-        )  # fmt: skip
+        )
     else:
         raise ValueError(f"no Constitutional-AI step named {stage.name!r}")

@@ -111,10 +111,16 @@ class Pipeline:
                 raise ValueError(f"stage {stage.name!r}: inputs.{name} names {source!r}, not one of {list(values)}")
             value = values[source]
             writer = next((s.name for s in STAGES.values() if source in s.outputs), None)
-            if (source in STAGES and not (Path(value) / "config.json").exists()) or (writer and not Path(value).exists()):
+            if source in STAGES and not (Path(value) / "config.json").exists():
+                what, writer = f"the export of stage {source!r}, but {value} holds none", source
+            elif writer and not Path(value).exists():
+                what = f"{source!r}, written by stage {writer!r}, but there is no {value}"
+            else:
+                what = None
+            if what:
                 raise FileNotFoundError(
-                    f"stage {stage.name!r} reads {source!r} of stage {writer or source!r}, but {value} holds none: "
-                    f"run the {writer or source!r} stage first (add it to --only, or remove it from --only's skips)"
+                    f"stage {stage.name!r} reads {what}: "
+                    f"run the {writer!r} stage first (add it to --only, or remove it from --only's skips)"
                 )
             out[name] = value
         return out
