@@ -33,6 +33,7 @@ def test_shipped_constitutions_load():
     demo = load_constitution(ROOT / "configs/constitution_demo.yaml")
     assert [p.name for p in demo.principles] == ["negativity", "harshness", "defects"]
     assert all(p.choice for p in demo.principles) and demo.feedback.options == ("(A)", "(B)")
+    assert demo.feedback.mode == "critique" and demo.feedback.no_problems == "No problems."
     chat = load_constitution(ROOT / "configs/constitution_chat_example.yaml")
     assert chat.chat.system and len(chat.few_shot) == 1 and chat.few_shot[0][-1]["role"] == "assistant"
 
@@ -73,6 +74,9 @@ def test_json_is_accepted(tmp_path):
         # feedback: one option only; a template without {options}
         (GOOD + "feedback:\n  options: ['(A)']\n", ":11: feedback.options: needs at least two distinct labels"),
         (GOOD + "feedback:\n  template: '{prompt} {choice}'\n", ":11: feedback.template: must contain {options}"),
+        # feedback: an unknown mode; critique mode without the no-problems critique
+        (GOOD + "feedback:\n  mode: vote\n", ":11: feedback.mode: expected choice or critique"),
+        (GOOD + "feedback:\n  mode: critique\n", ":10: feedback: mode critique needs no_problems"),
         # chat: a bad template switch
         (GOOD + "chat:\n  template: maybe\n", ":11: chat.template: expected auto, true or false"),
         # few-shot: an unknown role; a transcript that does not end with the assistant

@@ -152,3 +152,36 @@ def test_probability_field_in_records_and_batches(tmp_path):
     ]
     batch = PreferenceCollator(pad_token_id=0)(feats)
     torch.testing.assert_close(batch["probability"], torch.tensor([0.7, 1.0]))
+
+
+class Uniform(nn.Module):
+    """Uniform next-token logits; records every sequence it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.seen: list[str] = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        self.seen += ["".join(chr(i) for i in row if i > 1) for row in input_ids.tolist()]
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, V))
+
+
+def test_critique_feedback_scores_each_response_alone(monkeypatch):
+    from rlhf_lightning.cai import feedback
+
+    p = Principle("good", "Bad?", "Fix.")
+    q = FeedbackQuestion(mode="critique", no_problems="ok")
+    const = Constitution((p,), feedback=q, chat=ChatFormat(template=False, human="U:", assistant="S:"))
+    assert const.choice_principles == (p,)  # every principle can be asked under in critique mode
+    model = Uniform()
+    lp = feedback.no_problem_logprobs(model, CharTokenizer(), ["q", "q"], ["x", "y"], [p, p], const)
+    # " ok" is three tokens, each 1/128 under uniform logits
+    torch.testing.assert_close(lp, torch.full((2,), 3 * math.log(1 / V)))
+    assert sorted(model.seen) == ["U: q\n\nS: x\n\nU: Bad?\n\nS: ok", "U: q\n\nS: y\n\nU: Bad?\n\nS: ok"]
+    # P(x better) = sigmoid(logit q_x - logit q_y): q = (0.8, 0.5) -> odds 4:1 -> 0.8; (0.9, 0.6) -> 9/1.5 = 6 -> 6/7
+    fake = torch.tensor([0.8, 0.9, 0.5, 0.6]).log()  # x of both pairs, then y of both pairs
+    monkeypatch.setattr(feedback, "no_problem_logprobs", lambda *args: fake)
+    labels = feedback.label_pairs(None, CharTokenizer(), ["q", "q"], [("x", "y"), ("x", "y")], [p, p], const)
+    assert [lab.probability for lab in labels] == pytest.approx([0.8, 6 / 7])
+    assert not any(lab.orders_disagree for lab in labels) and labels[0].p_xy == labels[0].p_yx

@@ -186,7 +186,7 @@ def test_chat_conventions_through_sl_cai_and_ai_feedback(tmp_path):
         LabelSettings(samples_per_prompt=3, sampling=sampling, val_fraction=0.25),
     )
     n = label["counts"]
-    assert n["samples"] == 39 and n["pairs"] + n["identical_pairs"] == 39
+    assert n["samples"] == 39 and n["pairs"] + n["identical_pairs"] + n["empty_pairs"] == 39
     pairs = [
         json.loads(line)
         for f in ("preferences_train", "preferences_val")

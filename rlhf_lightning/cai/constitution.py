@@ -10,9 +10,11 @@ A constitution is a YAML or JSON file (JSON is read as YAML, so both give line n
     few_shot:                        # optional: transcripts put before every critique/revision chat
       - [{role: user, content: ...}, {role: assistant, content: ...}, ...]
     feedback:                        # optional (defaults below)
+      mode: choice                   # choice: the multiple-choice question; critique: see below
       template: "{prompt}\\n{options}\\n{choice}"   # the user turn of the multiple-choice question
       options: ["(A)", "(B)"]        # option labels; the label is scored after answer_prefix + " "
       answer_prefix: "The answer is:"
+      no_problems: null              # critique mode: the critique that finds nothing, e.g. "No problems."
     chat:                            # optional: how a conversation becomes text
       template: auto                 # auto: the tokenizer's chat template when it has one; true; false
       system: null                   # a system message (chat templates only)
@@ -53,11 +55,15 @@ class Principle:
 
 @dataclass(frozen=True)
 class FeedbackQuestion:
-    """The wording of the AI-feedback question (see the module docstring)."""
+    """The wording of the AI feedback (see the module docstring). ``mode="choice"`` asks the
+    multiple-choice question; ``mode="critique"`` scores each response alone by the probability
+    that its critique under the principle is ``no_problems`` (see ``cai/feedback.py``)."""
 
     template: str = "{prompt}\n{options}\n{choice}"
     options: tuple[str, ...] = ("(A)", "(B)")
     answer_prefix: str = "The answer is:"
+    mode: str = "choice"
+    no_problems: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ class Constitution:
 
     @property
     def choice_principles(self) -> tuple[Principle, ...]:
-        """The principles that carry an AI-feedback question."""
+        """The principles AI feedback draws from: those with a question (``choice`` mode), or all."""
+        if self.feedback.mode == "critique":
+            return self.principles
         return tuple(p for p in self.principles if p.choice)
 
 
@@ -167,7 +175,14 @@ def parse_constitution(data: Any, file: str = "<constitution>", lines: dict[tupl
         few_shot.append(tuple(messages))
     feedback = FeedbackQuestion()
     if "feedback" in top:
-        raw = c.mapping(top["feedback"], ("feedback",), (), ("template", "options", "answer_prefix"))
+        keys = ("mode", "template", "options", "answer_prefix", "no_problems")
+        raw = c.mapping(top["feedback"], ("feedback",), (), keys)
+        mode = raw.get("mode", "choice")
+        if mode not in ("choice", "critique"):
+            c.fail(("feedback", "mode"), f"expected choice or critique, got {mode!r}")
+        no_problems = c.string(raw["no_problems"], ("feedback", "no_problems")) if raw.get("no_problems") else None
+        if mode == "critique" and no_problems is None:
+            c.fail(("feedback",), "mode critique needs no_problems (the critique that finds nothing)")
         options = tuple(
             c.string(o, ("feedback", "options", i))
             for i, o in enumerate(c.items(raw.get("options", list(feedback.options)), ("feedback", "options")))
@@ -179,7 +194,7 @@ def parse_constitution(data: Any, file: str = "<constitution>", lines: dict[tupl
             if key not in template:
                 c.fail(("feedback", "template"), f"must contain {key}")
         prefix = c.string(raw.get("answer_prefix", feedback.answer_prefix), ("feedback", "answer_prefix"), True)
-        feedback = FeedbackQuestion(template, options, prefix)
+        feedback = FeedbackQuestion(template, options, prefix, mode, no_problems)
     chat = ChatFormat()
     if "chat" in top:
         raw = c.mapping(top["chat"], ("chat",), (), ("template", "system", "human", "assistant", "separator"))

@@ -12,20 +12,23 @@ where ``P(label)`` is the probability of the label's tokens after the prompt (th
 its tokens, so labels of several tokens are scored whole). Averaging the two orders cancels a
 constant position bias; the orders *disagree* when ``p_xy`` and ``p_yx`` fall on different sides
 of 1/2. The better response becomes ``chosen`` and ``probability = max(P, 1 - P)`` its soft label.
+
+``feedback.mode: critique`` is the alternative for a feedback model that cannot answer the
+question but can critique: :func:`label_pairs_by_critique`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from rlhf_lightning.cai.constitution import Constitution, Principle
-from rlhf_lightning.cai.prompts import feedback_prompt, option_continuations
+from rlhf_lightning.cai.prompts import critique_prompt, feedback_prompt, option_continuations
 from rlhf_lightning.data.collate import PromptCollator, pad_right, tokenize_prompt
 from rlhf_lightning.data.records import PromptExample
 from rlhf_lightning.models import response_logprobs
@@ -112,9 +115,12 @@ def label_pairs(
     """
     if not len(requests) == len(pairs) == len(principles):
         raise ValueError(f"{len(requests)} requests, {len(pairs)} pairs, {len(principles)} principles")
-    two = constitution.feedback.options[:2]
-    question = type(constitution.feedback)(constitution.feedback.template, two, constitution.feedback.answer_prefix)
-    const = type(constitution)(constitution.principles, constitution.few_shot, question, constitution.chat)
+    if constitution.feedback.mode == "critique":
+        return label_pairs_by_critique(
+            model, tokenizer, requests, pairs, principles, constitution, batch_size, max_prompt_length
+        )
+    question = replace(constitution.feedback, options=constitution.feedback.options[:2])
+    const = replace(constitution, feedback=question)
     texts = []
     for req, (x, y), pr in zip(requests, pairs, principles, strict=True):
         texts += [
@@ -125,8 +131,67 @@ def label_pairs(
     return [PairLabel(float(probs[2 * i, 0]), float(probs[2 * i + 1, 1]), pr.name) for i, pr in enumerate(principles)]
 
 
+def no_problem_logprobs(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: list[str],
+    responses: list[str],
+    principles: list[Principle],
+    constitution: Constitution,
+    batch_size: int = 64,
+    max_prompt_length: int = 1024,
+) -> torch.Tensor:
+    """``(N,)``: ``log P(no_problems | critique prompt)`` of each response under its principle (the
+    critique text is preceded by a space unless the prompt ends with whitespace)."""
+    text = constitution.feedback.no_problems
+    if not text:
+        raise ValueError("critique feedback needs the constitution's feedback.no_problems")
+    prompts = [
+        critique_prompt([{"role": "user", "content": q}], r, p, constitution, tokenizer)
+        for q, r, p in zip(requests, responses, principles, strict=True)
+    ]
+    out = torch.zeros(len(prompts))  # (N,)
+    for spaced in (False, True):  # one continuation per prompt ending
+        rows = [i for i, t in enumerate(prompts) if (not t or t[-1].isspace()) != spaced]
+        if rows:
+            cont = (" " if spaced else "") + text
+            lp = option_logprobs(model, tokenizer, [prompts[i] for i in rows], [cont], batch_size, max_prompt_length)
+            out[rows] = lp[:, 0]
+    return out
+
+
+def label_pairs_by_critique(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: list[str],
+    pairs: list[tuple[str, str]],
+    principles: list[Principle],
+    constitution: Constitution,
+    batch_size: int = 64,
+    max_prompt_length: int = 1024,
+) -> list[PairLabel]:
+    """Feedback from the model's own critiques: each response alone gets ``q = P(no problems)`` under
+    the pair's principle, and ``P(x better) = sigmoid(logit q_x - logit q_y)`` (the Bradley–Terry
+    probability of two independent "acceptable" judgements). One response per question, so there is
+    no position to be biased by: ``p_xy = p_yx``."""
+    lp = no_problem_logprobs(
+        model,
+        tokenizer,
+        requests + requests,
+        [x for x, _ in pairs] + [y for _, y in pairs],
+        principles + principles,
+        constitution,
+        batch_size,
+        max_prompt_length,
+    )
+    logit = lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-6))  # (2N,) log q - log(1 - q)
+    n = len(pairs)
+    probs = torch.sigmoid(logit[:n] - logit[n:])  # (N,)
+    return [PairLabel(float(p), float(p), pr.name) for p, pr in zip(probs.tolist(), principles, strict=True)]
+
+
 def draw_choice_principles(constitution: Constitution, n: int, seed: int) -> list[Principle]:
-    """``n`` principles drawn uniformly among those with an AI-feedback question."""
+    """``n`` principles drawn uniformly among those AI feedback may ask under (``choice_principles``)."""
     options = constitution.choice_principles
     if not options:
         raise ValueError(f"constitution {constitution.name!r}: no principle has a 'choice' (AI-feedback) question")

@@ -11,6 +11,8 @@ two distinct ones form a pair, judged by the feedback model under a principle dr
 * ``labels.jsonl``: per pair both orders' answers, the principle, the label;
 * ``stats.json``: counts, how often the two orders disagree and, when a gold reward is named,
   how often the labels agree with it. The gold reward is *measured against*, never used to label.
+
+Pairs of identical responses, or with an empty one, are counted and left out.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def run_label(
         check_same_vocab(tok, feedback_model, "the feedback model")
         model = load_frozen_lm(feedback_model, tok)
     counts = {"prompts": len(records), "samples": len(samples), "no_eos": sum(not c.ended for c in samples)}
-    counts["identical_pairs"] = 0
+    counts["identical_pairs"] = counts["empty_pairs"] = 0
     pairs, owners = [], []
     for n in range(len(records)):
         group = samples[n * s.samples_per_prompt : (n + 1) * s.samples_per_prompt]
@@ -102,6 +104,9 @@ def run_label(
             for j in range(i + 1, len(group)):
                 if group[i].text.strip() == group[j].text.strip():
                     counts["identical_pairs"] += 1
+                    continue
+                if not group[i].text.strip() or not group[j].text.strip():
+                    counts["empty_pairs"] += 1
                     continue
                 pairs.append((group[i].text, group[j].text))
                 owners.append(n)

@@ -129,14 +129,21 @@ def cai_demonstrations(
     n_revision: int = 2000,
     n_comparison: int = 2000,
     tokenizer: Any = None,
+    revise_faulty: float = 0.8,
 ) -> list[dict[str, str]]:
-    """SFT records ``{prompt, response}`` teaching the three skills on prompts drawn from ``prompts``."""
+    """SFT records ``{prompt, response}`` teaching the three skills on prompts drawn from ``prompts``;
+    ``revise_faulty``: each review of a revision demonstration without a fault is redrawn with
+    this probability."""
     rng = random.Random(f"cai-demo-{seed}")
     tok = tokenizer or _DemoTemplate()
     out = []
     for n in range(n_critique + n_revision):
         principle, prompt = rng.choice(constitution.principles), rng.choice(prompts)
         rule, sentences = _rule(principle), sample_review(rng)
+        # Revisions are shown mostly on reviews the principle finds fault with: a revision that
+        # only repeats its review teaches little.
+        while n >= n_critique and not offending(sentences, rule) and rng.random() < revise_faulty:
+            sentences = sample_review(rng)
         chat, response = [{"role": "user", "content": prompt}], review_text(sentences)
         critique = critique_text(sentences, rule)
         if n < n_critique:
@@ -164,6 +171,7 @@ def write_cai_demo_data(
     n_critique: int = 2000,
     n_revision: int = 2000,
     n_comparison: int = 2000,
+    revise_faulty: float = 0.8,
     **demo_args: Any,
 ) -> dict:
     """The demo task (``write_demo_data`` with ``demo_args``) with the CAI demonstrations added to
@@ -172,5 +180,6 @@ def write_cai_demo_data(
 
     sizes = {k: v for k, v in demo_args.items() if k.startswith("n_")}
     prompts = [r["prompt"] for r in generate_demo_task(seed=seed, **sizes)["prompts_train"]]
-    demos = cai_demonstrations(load_constitution(constitution), prompts, seed, n_critique, n_revision, n_comparison)
+    const = load_constitution(constitution)
+    demos = cai_demonstrations(const, prompts, seed, n_critique, n_revision, n_comparison, None, revise_faulty)
     return write_demo_data(out_dir, seed=seed, extra_sft=demos, **demo_args)
