@@ -20,6 +20,7 @@ RL = {
     "data.init_args.batch_size": 4,
     "model.init_args.sampling": {"max_new_tokens": 6},
     "data.init_args.val_batch_size": 8,
+    "model.init_args.minibatch_size": 4,
 }
 
 
@@ -48,7 +49,11 @@ def test_cai_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
             },
             "overrides": {"trainer.max_steps": 2, **QUIET},
         },
-        "rl_cai": {"like": "ppo", "inputs": {"sft": "sl_cai"}, "overrides": {**RL, "model.init_args.minibatch_size": 4}},
+        "rl_cai": {
+            "like": "ppo",
+            "inputs": {"sft": "sl_cai"},
+            "overrides": {**RL, "model.init_args.minibatch_size": 4},
+        },
     }
     cai = {"constitution": "configs/constitution_demo.yaml", "n_critique": 16, "n_revision": 16, "n_comparison": 0}
     run_dir = tmp_path / "run"
@@ -68,7 +73,9 @@ def test_cai_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     for name in ("cai_revise", "cai_label"):
         assert (run_dir / name / "stats.json").exists() and (run_dir / name / "config.yaml").exists()
     revise = json.loads((run_dir / "cai_revise/stats.json").read_text())["counts"]
-    assert revise["prompts"] == 16 and revise["kept"] == len((run_dir / "cai_revise/sft.jsonl").read_text().splitlines())
+    assert revise["prompts"] == 16 and revise["kept"] == len(
+        (run_dir / "cai_revise/sft.jsonl").read_text().splitlines()
+    )
     label = json.loads((run_dir / "cai_label/stats.json").read_text())
     assert label["feedback_model"] == str(run_dir / "sft/hf") and label["policy"] == str(run_dir / "sl_cai/hf")
     assert label["gold_agreement"] is None or 0 <= label["gold_agreement"] <= 1
