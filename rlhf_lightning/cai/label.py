@@ -6,8 +6,8 @@ two distinct ones form a pair, judged by the feedback model under a principle dr
 
 * ``preferences_train.jsonl`` / ``preferences_val.jsonl``: ``{prompt, chosen, rejected,
   probability}`` (split by prompt), ``probability`` the soft label that the reward stage reads;
-* ``samples.jsonl``: every sampled response as ``{prompt, response}`` (the reward stage
-  normalises its scores on these);
+* ``samples.jsonl``: every non-empty sampled response as ``{prompt, response}`` (the reward
+  stage normalises its scores on these);
 * ``labels.jsonl``: per pair both orders' answers, the principle, the label;
 * ``stats.json``: counts, how often the two orders disagree and, when a gold reward is named,
   how often the labels agree with it. The gold reward is *measured against*, never used to label.
@@ -145,9 +145,8 @@ def run_label(
     root = Path(out_dir)
     write_jsonl(root / "preferences_train.jsonl", split["train"])
     write_jsonl(root / "preferences_val.jsonl", split["val"])
-    write_jsonl(
-        root / "samples.jsonl", [{"prompt": t, "response": c.text} for t, c in zip(texts, samples, strict=True)]
-    )
+    kept = [{"prompt": t, "response": c.text} for t, c in zip(texts, samples, strict=True) if c.text.strip()]
+    write_jsonl(root / "samples.jsonl", kept)  # the SFT format: an empty response is not a record
     write_jsonl(root / "labels.jsonl", rows)
     stats |= {
         "policy": policy,
