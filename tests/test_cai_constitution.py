@@ -31,7 +31,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 
 def test_shipped_constitutions_load():
     demo = load_constitution(ROOT / "configs/constitution_demo.yaml")
-    assert [p.name for p in demo.principles] == ["negativity", "harshness", "defects"]
+    assert [p.name for p in demo.principles] == ["negativity", "harshness", "enthusiasm", "defects"]
     assert all(p.choice for p in demo.principles) and demo.feedback.options == ("(A)", "(B)")
     assert demo.feedback.mode == "critique" and demo.feedback.no_problems == "No problems."
     chat = load_constitution(ROOT / "configs/constitution_chat_example.yaml")

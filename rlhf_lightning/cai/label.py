@@ -140,6 +140,13 @@ def run_label(
         gx = [gold(records[n]["text"], x) for n, (x, _) in zip(owners, pairs, strict=True)]
         gy = [gold(records[n]["text"], y) for n, (_, y) in zip(owners, pairs, strict=True)]
         stats |= gold_agreement([lab.probability for lab in labels], gx, gy)
+        by_principle: dict[str, list[tuple[float, float, float]]] = {}
+        for lab, a, b in zip(labels, gx, gy, strict=True):
+            by_principle.setdefault(lab.principle, []).append((lab.probability, a, b))
+        stats["gold_agreement_by_principle"] = {
+            name: gold_agreement(*map(list, zip(*rows, strict=True)))["gold_agreement"]
+            for name, rows in sorted(by_principle.items())
+        }
         for row, a, b in zip(rows, gx, gy, strict=True):
             row["gold_x"], row["gold_y"] = a, b
     root = Path(out_dir)

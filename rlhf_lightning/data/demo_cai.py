@@ -13,11 +13,12 @@ principles ask (so the prompts match :mod:`rlhf_lightning.cai.prompts` at genera
 * **comparison**: the AI-feedback question on two reviews -> the label of the better one.
 
 What is "offending" comes from the principle's *rule*, applied to the sentence kinds the demo
-grammar generated: ``negative`` flags negative and mixed sentences; ``defects`` flags looped,
-stuttered and unfinished sentences. A comparison under ``negative`` prefers fewer flagged
-sentences, then more positive sentences; under ``defects`` fewer flagged sentences; a tie is a
-coin flip. None of this calls the gold reward: the gold reward judges the outcome only, and
-the CAI stages' labels come from the trained model applying the constitution.
+grammar generated: ``negative`` flags negative and mixed sentences; ``positive`` every sentence
+that is not positive; ``defects`` looped, stuttered and unfinished sentences. A comparison under
+``negative`` prefers fewer flagged sentences, then more positive sentences; under the others
+fewer flagged sentences; a tie is a coin flip. None of this calls the gold reward: the gold
+reward judges the outcome only, and the CAI stages' labels come from the trained model applying
+the constitution.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from rlhf_lightning.data.demo import TONES, _sentence, write_demo_data
 from rlhf_lightning.data.tokenizer import CHAT_TEMPLATE
 
 # The rule of each principle of the demo constitution (configs/constitutions/demo.yaml), by name.
-RULES = {"negativity": "negative", "harshness": "negative", "defects": "defects"}
+RULES = {"negativity": "negative", "harshness": "negative", "enthusiasm": "positive", "defects": "defects"}
 DEFECT_RATE = 0.15
 
 
@@ -84,6 +85,8 @@ def offending(sentences: list[dict[str, Any]], rule: str) -> list[int]:
     """Indices of the sentences the rule flags (module docstring)."""
     if rule == "negative":
         return [i for i, s in enumerate(sentences) if s["kind"] in ("neg", "mixed")]
+    if rule == "positive":
+        return [i for i, s in enumerate(sentences) if s["kind"] != "pos"]
     if rule == "defects":
         return [i for i, s in enumerate(sentences) if s["defect"]]
     raise ValueError(f"unknown rule {rule!r}")
@@ -100,7 +103,7 @@ def revision_text(sentences: list[dict[str, Any]], rule: str, rng: random.Random
     for i, s in enumerate(sentences):
         if i not in bad:
             out.append(s["text"])
-        elif rule == "negative":
+        elif rule in ("negative", "positive"):
             out.append(_sentence(rng, "pos", used))
         elif s["defect"] != "loop":
             out.append(s["clean"])
