@@ -38,9 +38,9 @@ def test_cai_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     sampling = {"sampling": {"max_new_tokens": 4}, "max_prompts": 16}
     stages = {
         "sft": {"overrides": {"model.init_args.model_config": json.loads(TINY), "trainer.max_steps": 2, **QUIET}},
-        "cai_revise": {"config": "configs/cai_revise.yaml", "overrides": sampling},
-        "sl_cai": {"overrides": {"trainer.max_steps": 2, **QUIET}},
-        "cai_label": {"config": "configs/cai_label.yaml", "overrides": {**sampling, "val_fraction": 0.25}},
+        "cai_revise": {"config": str(ROOT / "configs/cai_revise.yaml"), "overrides": sampling},
+        "sl_cai": {"config": str(ROOT / "configs/sl_cai.yaml"), "overrides": {"trainer.max_steps": 2, **QUIET}},
+        "cai_label": {"config": str(ROOT / "configs/cai_label.yaml"), "overrides": {**sampling, "val_fraction": 0.25}},
         "reward": {
             "inputs": {
                 "preference_train_file": "cai_preference_train_file",
@@ -55,7 +55,12 @@ def test_cai_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
             "overrides": {**RL, "model.init_args.minibatch_size": 4},
         },
     }
-    cai = {"constitution": "configs/constitution_demo.yaml", "n_critique": 16, "n_revision": 16, "n_comparison": 0}
+    cai = {
+        "constitution": str(ROOT / "configs/constitution_demo.yaml"),
+        "n_critique": 16,
+        "n_revision": 16,
+        "n_comparison": 0,
+    }
     run_dir = tmp_path / "run"
     cli_main(
         [
