@@ -194,3 +194,27 @@ def test_chat_conventions_through_sl_cai_and_ai_feedback(tmp_path):
     ]
     assert len(pairs) == n["pairs"] and all(0.5 <= p["probability"] <= 1 for p in pairs)
     assert 0 <= label["orders_disagree"] <= 1
+
+
+def test_commands_take_a_config_file_and_flags(tmp_path, capsys):
+    from rlhf_lightning.cli import cli_main
+    from rlhf_lightning.models import load_tokenizer, save_hf
+
+    tok = load_tokenizer(tokenizer_conventions.build("chatml", tmp_path / "tok"))
+    save_hf(_eos_prone_chat_model(tok), tok, tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Film {i}?"}) + "\n" for i in range(6)))
+    (tmp_path / "c.yaml").write_text(
+        "principles:\n  - {name: a, critique_request: C, revision_request: R, choice: Q}\n"
+    )
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"constitution: {tmp_path / 'c.yaml'}\nrounds: 1\nsampling: {{max_new_tokens: 8}}\n")
+    common = ["-c", str(settings), "--policy", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl")]
+    stats = cli_main(["cai-revise", *common, "--out", str(tmp_path / "r"), "--max_prompts", "5"])
+    assert stats["counts"]["prompts"] == 5 and stats["settings"]["rounds"] == 1
+    assert stats["settings"]["sampling"]["max_new_tokens"] == 8
+    settings.write_text(
+        f"constitution: {tmp_path / 'c.yaml'}\nsamples_per_prompt: 3\nsampling: {{max_new_tokens: 8}}\n"
+    )
+    stats = cli_main(["cai-label", *common, "--out", str(tmp_path / "l")])
+    assert stats["counts"]["samples"] == 18 and stats["feedback_model"] == str(tmp_path / "policy")
+    assert '"pairs"' in capsys.readouterr().out
