@@ -6,7 +6,9 @@
 * ``pipeline -c configs/quickstart.yaml``: every stage end to end;
 * ``sweep -c configs/frontier.yaml``: a grid of settings x seeds of stages, and the frontier report;
 * ``evaluate``: sample from several policies and compare them;
-* ``best-of-n``: best-of-n curves of a policy under the proxy reward model, scored by the gold reward.
+* ``best-of-n``: best-of-n curves of a policy under the proxy reward model, scored by the gold reward;
+* ``cai-revise``: SL-CAI data (critique -> revision of policy samples under a constitution);
+* ``cai-label``: AI-feedback preference pairs with soft labels.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_lightning import pipeline
+from rlhf_lightning.cai import commands as cai
 from rlhf_lightning.data import demo
 from rlhf_lightning.eval import best_of_n, evaluate
 from rlhf_lightning.pipeline import sweep
@@ -29,6 +32,8 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "sweep": sweep.main,
     "evaluate": evaluate.main,
     "best-of-n": best_of_n.main,
+    "cai-revise": cai.revise_main,
+    "cai-label": cai.label_main,
 }
 
 

@@ -87,19 +87,19 @@ def pairwise_loss(
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | float | None = None,
     center_coef: float = 0.0,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Bradley–Terry reward-model loss (Ouyang et al. 2022, eq. 1).
+    """Bradley–Terry reward-model loss (Ouyang et al. 2022, eq. 1), hard or soft labels.
 
-    ``L = mean_pairs[-log sigmoid(r_c - r_r - m)] + c * mean_pairs[(r_c + r_r)^2]``.
-    The optional margin ``m`` (Llama 2) demands a larger gap on clearly-better pairs;
-    the centering term (Eisenstein et al. 2023, "Helping or Herding?") keeps rewards
-    near zero mean, since the Bradley–Terry loss only sees differences.
+    ``L = mean[-p log sigmoid(z) - (1 - p) log sigmoid(-z)] + c * mean[(r_c + r_r)^2]``, ``z = r_c - r_r - m``:
+    the binary cross-entropy of the Bradley–Terry logit for ``p`` = P(chosen better) (``target``;
+    None: 1, giving ``-log sigmoid(z)``), e.g. AI feedback's soft labels (Bai et al. 2022, 4.1).
+    Margin ``m`` (Llama 2): a larger gap on clear pairs; centering (Eisenstein et al. 2023).
 
     Args:
-        chosen_rewards: ``(B,)`` scalar rewards of chosen responses.
-        rejected_rewards: ``(B,)`` scalar rewards of rejected responses.
-        margin: ``(B,)`` tensor or float, or None for 0.
-        center_coef: weight of the centering term.
+        chosen_rewards, rejected_rewards: ``(B,)`` scalar rewards.
+        margin: ``(B,)`` tensor or float, or None for 0; center_coef: weight of the centering term.
+        target: ``(B,)`` soft labels in [0, 1], or None for 1.
 
     Returns:
         ``(loss, {"loss", "accuracy", "margin", "chosen_mean", "rejected_mean"})``;
@@ -108,6 +108,8 @@ def pairwise_loss(
     diff = chosen_rewards - rejected_rewards  # (B,)
     logits = diff if margin is None else diff - margin
     loss = -F.logsigmoid(logits).mean()
+    if target is not None:
+        loss = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     metrics = {

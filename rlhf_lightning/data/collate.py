@@ -80,7 +80,7 @@ def tokenize_preference(
 
     Returns:
         ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
-        ``rejected_labels`` (lists of ints), ``margin`` (float or None),
+        ``rejected_labels`` (lists of ints), ``margin`` and ``probability`` (float or None),
         ``prompt_truncated`` and ``response_truncated`` (True if either response was cut).
     """
     prompt, p_cut = _prompt_ids(example.prompt, tokenizer, max_prompt_length)
@@ -89,7 +89,8 @@ def tokenize_preference(
     out: dict[str, Any] = {}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         out.update({f"{name}_{k}": v for k, v in _sequence(prompt, response).items()})
-    return {**out, "margin": example.margin, "prompt_truncated": p_cut, "response_truncated": c_cut or r_cut}
+    out |= {"margin": example.margin, "probability": example.probability}
+    return {**out, "prompt_truncated": p_cut, "response_truncated": c_cut or r_cut}
 
 
 def tokenize_prompt(example: PromptExample, tokenizer: Any, max_prompt_length: int) -> dict[str, Any]:
@@ -158,7 +159,8 @@ class PreferenceCollator:
     Returns ``input_ids``, ``attention_mask``, ``labels`` (each ``(2B, T)``),
     ``num_pairs`` (int B), ``index`` ``(B,)`` long when every feature has an ``index``
     (its position in the dataset) and, when any pair has a margin, ``margin`` ``(B,)``
-    float (0.0 for pairs without one).
+    float (0.0 for pairs without one) and, when any pair has a soft label, ``probability``
+    ``(B,)`` float (1.0 for pairs without one: chosen is better).
     """
 
     def __init__(self, pad_token_id: int):
@@ -178,6 +180,9 @@ class PreferenceCollator:
         margins = [f.get("margin") for f in features]
         if any(m is not None for m in margins):
             batch["margin"] = torch.tensor([0.0 if m is None else m for m in margins])  # (B,)
+        probs = [f.get("probability") for f in features]
+        if any(p is not None for p in probs):
+            batch["probability"] = torch.tensor([1.0 if p is None else p for p in probs])  # (B,)
         return batch
 
 

@@ -283,7 +283,14 @@ def generate_demo_task(
     }
 
 
-def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, tau: float = TAU, **sizes: int) -> dict:
+def write_demo_data(
+    out_dir: str | Path,
+    seed: int = 0,
+    vocab_size: int = 1024,
+    tau: float = TAU,
+    extra_sft: list[dict] | None = None,
+    **sizes: int,
+) -> dict:
     """Write the demo task's JSONL files, its tokenizer and ``summary.json`` under ``out_dir``.
 
     Args:
@@ -291,6 +298,8 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
         seed: drives everything; the same seed gives byte-identical files.
         vocab_size: size of the byte-level BPE tokenizer trained on all prompt + response texts.
         tau: Bradley–Terry temperature of the preference labels.
+        extra_sft: SFT records appended to ``sft.jsonl`` and to the tokenizer's corpus (the CAI
+            demonstrations of ``demo_cai.py``); None leaves every file as it was.
         **sizes: ``n_sft``, ``n_pairs``, ``n_val_pairs``, ``n_prompts``, ``n_heldout``, ``defect_rate``
             forwarded to :func:`generate_demo_task`.
 
@@ -303,10 +312,11 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = generate_demo_task(seed=seed, tau=tau, **sizes)
+    extra = list(extra_sft or [])
     for name, records in task.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    texts = [r["prompt"] + r["response"] for r in task["sft"]]
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records + (extra if name == "sft" else []))
+    texts = [r["prompt"] + r["response"] for r in task["sft"] + extra]
     texts += [
         r["prompt"] + r[k]
         for name in ("preferences_train", "preferences_val")
@@ -331,6 +341,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, 
         "preference_ceiling_val": round(preference_ceiling(task["preferences_val"], tau), 4),
         "task_words": len(VOCABULARY),
         "tokenizer_vocab_size": len(tok),
+        **({"n_extra_sft": len(extra)} if extra else {}),
         "response_words": len(surface),
         "response_words_single_token": len(whole),
     }

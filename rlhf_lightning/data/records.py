@@ -52,12 +52,14 @@ class SFTExample:
 @dataclass
 class PreferenceExample:
     """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response;
-    ``margin`` is an optional preference strength for margin-aware pairwise losses."""
+    ``margin`` is an optional preference strength for margin-aware pairwise losses and
+    ``probability`` an optional soft label, P(chosen is better) in [0, 1] (AI feedback)."""
 
     prompt: str
     chosen: str
     rejected: str
     margin: float | None = None
+    probability: float | None = None
 
 
 @dataclass
@@ -170,6 +172,15 @@ def _margin(record: dict, loc: Location) -> float | None:
     return float(value)
 
 
+def _probability(record: dict, loc: Location) -> float | None:
+    value = record.get("probability")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise RecordError(loc, f"field 'probability' must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def split_hh_transcript(chosen: str, rejected: str, location: Location) -> tuple[str, str, str]:
     """Split two Anthropic-HH transcripts into ``(prompt, chosen_response, rejected_response)``.
 
@@ -194,7 +205,7 @@ def split_hh_transcript(chosen: str, rejected: str, location: Location) -> tuple
 def parse_preference(record: dict, location: Location, tokenizer: Any = None) -> PreferenceExample:
     """Parse a preference pair into a PreferenceExample.
 
-    Accepted: ``{"prompt", "chosen", "rejected"[, "margin"]}`` with strings;
+    Accepted: ``{"prompt", "chosen", "rejected"[, "margin"][, "probability"]}`` with strings;
     conversational ``{"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}`` or
     ``{"chosen": [msgs], "rejected": [msgs]}`` whose chats share every message but the
     final assistant reply (prompt rendered with the chat template); and Anthropic-HH
@@ -203,7 +214,7 @@ def parse_preference(record: dict, location: Location, tokenizer: Any = None) ->
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RecordError(location, f"missing key {key!r} (record has keys {sorted(record)})")
-    margin = _margin(record, location)
+    margin, prob = _margin(record, location), _probability(record, location)
     prompt = record.get("prompt")
     if isinstance(record["chosen"], list) or isinstance(record["rejected"], list) or isinstance(prompt, list):
         lead = _messages(prompt, "prompt", location) if prompt is not None else []
@@ -216,16 +227,16 @@ def parse_preference(record: dict, location: Location, tokenizer: Any = None) ->
             raise RecordError(location, "chosen and rejected are identical")
         rendered, chosen = _chat_example(c_prompt, chosen, tokenizer, location)
         _, rejected = _chat_example(c_prompt, rejected, tokenizer, location)
-        return PreferenceExample(rendered, chosen, rejected, margin)
+        return PreferenceExample(rendered, chosen, rejected, margin, prob)
     chosen, rejected = _string(record, "chosen", location), _string(record, "rejected", location)
     if "prompt" in record and prompt is None:
         raise RecordError(location, "field 'prompt' is null (leave the key out for Anthropic-HH transcripts)")
     if prompt is None:
-        return PreferenceExample(*split_hh_transcript(chosen, rejected, location), margin)
+        return PreferenceExample(*split_hh_transcript(chosen, rejected, location), margin, prob)
     prompt = _string(record, "prompt", location)
     if chosen == rejected:
         raise RecordError(location, "chosen and rejected are identical")
-    return PreferenceExample(prompt, chosen, rejected, margin)
+    return PreferenceExample(prompt, chosen, rejected, margin, prob)
 
 
 def parse_prompt(record: dict, location: Location, tokenizer: Any = None) -> PromptExample:

@@ -94,6 +94,8 @@ class Pipeline:
         for stage in STAGES.values():
             if stage.trains:
                 values[stage.name] = str(given.get(stage.name) or self.export(stage.name))
+            for name, rel in stage.outputs.items():
+                values[name] = str(self.run_dir / stage.name / rel)
         return values
 
     @staticmethod
@@ -101,16 +103,28 @@ class Pipeline:
         return path is not None and Path(path).exists()
 
     def resolve_inputs(self, stage: Stage, check: bool = True) -> dict[str, str | None]:
-        """The values of what ``stage`` consumes; with ``check``, a missing export is an error naming
-        its stage (without, the values are returned as they will be once the exports exist)."""
+        """The values of what ``stage`` consumes (each from the name its spec's ``inputs`` maps it
+        to, else its own); with ``check``, a missing export or stage output is an error naming its
+        stage (without, the values are returned as they will be once they exist)."""
         values = self.inputs
+        wiring = (self.stage_specs.get(stage.name) or {}).get("inputs") or {}
         out = {}
         for name in stage.consumes:
-            value = values[name]
-            if check and name in STAGES and not (Path(value) / "config.json").exists():
+            source = wiring.get(name, name)
+            if source not in values:
+                raise ValueError(f"stage {stage.name!r}: inputs.{name} names {source!r}, not one of {list(values)}")
+            value = values[source]
+            writer = next((s.name for s in STAGES.values() if source in s.outputs), None)
+            if source in STAGES and not (Path(value) / "config.json").exists():
+                what, writer = f"the export of stage {source!r}, but {value} holds none", source
+            elif writer and not Path(value).exists():
+                what = f"{source!r}, written by stage {writer!r}, but there is no {value}"
+            else:
+                what = None
+            if what and check:
                 raise FileNotFoundError(
-                    f"stage {stage.name!r} reads the export of stage {name!r}, but {value} holds none: "
-                    f"run the {name!r} stage first (add it to --only, or remove it from --only's skips)"
+                    f"stage {stage.name!r} reads {what}: "
+                    f"run the {writer!r} stage first (add it to --only, or remove it from --only's skips)"
                 )
             out[name] = value
         return out
@@ -159,7 +173,14 @@ class Pipeline:
         if self.uses_demo:
             from rlhf_lightning.data.demo import write_demo_data
 
-            summary = write_demo_data(self.run_dir / "data", seed=self.cfg["seed"], **(data.get("demo_sizes") or {}))
+            sizes, cai = data.get("demo_sizes") or {}, data.get("demo_cai")
+            if cai:  # the demo with Constitutional-AI demonstrations in its SFT file (data/demo_cai.py)
+                from rlhf_lightning.data.demo_cai import write_cai_demo_data
+
+                cai = {**cai, "constitution": config_path(cai["constitution"])}
+                summary = write_cai_demo_data(self.run_dir / "data", seed=self.cfg["seed"], **cai, **sizes)
+            else:
+                summary = write_demo_data(self.run_dir / "data", seed=self.cfg["seed"], **sizes)
             log.info(
                 "demo task: %s", {k: summary[k] for k in ("sft_gold_mean", "preference_ceiling_val") if k in summary}
             )
@@ -274,8 +295,9 @@ def build_parser() -> ArgumentParser:
         type=dict[str, dict[str, Any] | None] | None,
         default=None,
         help="training stages to run, each with an optional config (default: the shipped one), "
-        "overrides (dotted keys) and, for a variant under a new name, like: <stage>; "
-        "default: every registered training stage",
+        "overrides (dotted keys), inputs (input name: the name it is read from) and, for a variant "
+        "under a new name, like: <stage>; default: every registered training stage. Opt-in stages "
+        "(Constitutional AI) run only when named here",
     )
     parser.add_argument(
         "--evaluate",
@@ -303,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, spec in (specs or {}).items():
         if name not in STAGES and (spec or {}).get("like"):
             derive_stage(name, spec["like"], spec.get("config"))
-    unknown = sorted(set(specs or {}) - {s.name for s in STAGES.values() if s.trains})
+    unknown = sorted(set(specs or {}) - {s.name for s in STAGES.values() if s.trains or s.opt_in})
     if unknown:
         parser.error(
             f"--stages names {unknown}, which are not training stages of {list(STAGES)} "
@@ -318,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [
         s.name
         for s in STAGES.values()
-        if (only is None or s.name in only) and (not s.trains or specs is None or s.name in specs)
+        if (only is None or s.name in only)
+        and (s.name in (specs or {}) if s.opt_in else not s.trains or specs is None or s.name in specs)
     ]
     Pipeline(cfg).run(names, resume=resume)

@@ -7,10 +7,13 @@ A stage reads *inputs* by name and a training stage writes one export,
   ``preference_train_file``, ``preference_val_file``, ``prompts_file``,
   ``heldout_prompts_file``;
 * exports: the name of the training stage that writes them (``sft``, ``reward``, ...);
-* settings: ``gold_reward`` (``module:function`` or None).
+* settings: ``gold_reward`` (``module:function`` or None);
+* files written by a non-training stage, named in its ``outputs`` (e.g. ``cai_sft_file``).
 
 A pipeline config can also run a variant of a training stage under a new name
-(``stages: {grpo_gold: {like: grpo, overrides: {...}}}``, see :func:`derive_stage`).
+(``stages: {grpo_gold: {like: grpo, overrides: {...}}}``, see :func:`derive_stage`), and
+feed a stage's input from another name (``stages: {ppo: {inputs: {sft: sl_cai}}}``: PPO
+starts from, and is held near, the ``sl_cai`` export).
 
 A training stage's YAML lists the same names in its ``inputs`` block; the runner sets
 ``inputs.<name>`` for each name the stage consumes and ``trainer.default_root_dir`` to
@@ -21,7 +24,7 @@ call plus its config.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,6 +53,9 @@ class Stage:
         run: for the other stages, ``run(pipeline)`` does the work.
         done: for the other stages, ``done(pipeline)`` says whether its output exists.
         policy: its export is a policy that the evaluation compares.
+        outputs: for the other stages, files they write that later stages consume, as
+            ``{input name: path under <run_dir>/<name>}``.
+        opt_in: runs only when the pipeline config's ``stages`` names it (Constitutional AI).
     """
 
     name: str
@@ -58,6 +64,8 @@ class Stage:
     run: Callable[[Pipeline], None] | None = None
     done: Callable[[Pipeline], bool] | None = None
     policy: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)
+    opt_in: bool = False
 
     @property
     def trains(self) -> bool:
@@ -144,6 +152,36 @@ register_stage(
         config="dpo.yaml",
         policy=True,
     )
+)
+# Constitutional AI (opt-in; configs/cai.yaml): SL-CAI revisions, SFT on them, AI-feedback pairs.
+# The CAI pipeline then wires the ordinary reward and PPO/GRPO stages to these outputs by name.
+
+
+def _cai_stage(name: str, consumes: tuple[str, ...], outputs: dict[str, str]) -> Stage:
+    def run(p: Pipeline) -> None:
+        from rlhf_lightning.pipeline.cai_stages import run_cai_stage
+
+        run_cai_stage(p, STAGES[name])
+
+    def done(p: Pipeline) -> bool:
+        return all((p.run_dir / name / rel).exists() for rel in [*outputs.values(), "stats.json"])
+
+    return Stage(name, consumes=consumes, run=run, done=done, outputs=outputs, opt_in=True)
+
+
+CAI_REVISE_OUTPUTS = {"cai_sft_file": "sft.jsonl", "cai_revision_pairs_file": "preferences.jsonl"}
+CAI_LABEL_OUTPUTS = {
+    "cai_preference_train_file": "preferences_train.jsonl",
+    "cai_preference_val_file": "preferences_val.jsonl",
+    "cai_samples_file": "samples.jsonl",
+}
+register_stage(_cai_stage("cai_revise", ("sft", "prompts_file"), CAI_REVISE_OUTPUTS), before="reward")
+register_stage(
+    Stage("sl_cai", consumes=("tokenizer", "sft", "cai_sft_file"), config="sl_cai.yaml", policy=True, opt_in=True),
+    before="reward",
+)
+register_stage(
+    _cai_stage("cai_label", ("sl_cai", "sft", "prompts_file", "gold_reward"), CAI_LABEL_OUTPUTS), before="reward"
 )
 # Critic-free online RL: the same inputs as PPO (the reward model, or only reward functions).
 for _name in ("grpo", "rloo", "reinforce_pp"):

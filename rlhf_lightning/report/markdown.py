@@ -151,6 +151,27 @@ def _wall_times_section(state: dict) -> list[str]:
     return md + [f"| **total** | {total:.1f} | {total / 60:.1f} |", ""]
 
 
+def _cai_section(run_dir: Path) -> list[str]:
+    """The Constitutional-AI data stages' statistics (``cai_revise`` / ``cai_label`` ``stats.json``)."""
+    revise = read_json(run_dir / "cai_revise" / "stats.json") or {}
+    label = read_json(run_dir / "cai_label" / "stats.json") or {}
+    if not revise and not label:
+        return []
+    md = ["## Constitutional AI", ""]
+    if revise.get("counts"):
+        c = revise["counts"]
+        dropped = {k: v for k, v in c.items() if k not in ("prompts", "kept") and v}
+        md += [f"SL-CAI (`cai_revise`): {c.get('kept')} of {c.get('prompts')} prompts kept; counted: {dropped}.", ""]
+    if label.get("counts"):
+        rows = [["pairs", label["counts"].get("pairs")]]
+        for key in ("orders_disagree", "mean_confidence", "gold_agreement", "gold_soft_agreement"):
+            if label.get(key) is not None:
+                rows.append([key, label[key]])
+        md += ["AI feedback (`cai_label`; the gold reward only measured against):", ""]
+        md += _table(["statistic", "value"], rows) + [""]
+    return md
+
+
 def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = None, n_samples: int = 3) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/figures/*.png``; return the markdown's path.
 
@@ -208,6 +229,8 @@ def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = Non
         md += ["## Training curves", ""]
         for stage, fig in curves:
             md += [f"### {stage}", "", f"![{stage} training curves]({_rel(fig, run_dir)})", ""]
+
+    md += _cai_section(run_dir)
 
     # Sample responses: the same prompts for every policy.
     samples = read_samples(eval_path.parent / "eval_samples.jsonl") if eval_path else []

@@ -46,6 +46,7 @@ class RewardModule(RLHFSystem):
         lr_scheduler: LRSchedulerCallable | None = None,
         center_coef: float = 0.0,
         use_margin: bool = True,
+        use_soft_labels: bool = True,
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
@@ -60,6 +61,8 @@ class RewardModule(RLHFSystem):
             lr_scheduler: ``optimizer -> LRScheduler``, stepped every optimizer step.
             center_coef: weight of the reward-centering term ``(r_c + r_r)^2`` (0: off).
             use_margin: subtract the data's per-pair ``margin`` inside the loss (Llama 2).
+            use_soft_labels: train on the data's per-pair ``probability`` (AI feedback's soft
+                labels) with the binary cross-entropy of the Bradley–Terry logit.
             disable_dropout: zero every dropout, so chosen and rejected see the same network.
             gradient_checkpointing: trade compute for memory on large backbones.
             trust_remote_code: passed to the model and tokenizer loaders.
@@ -95,7 +98,8 @@ class RewardModule(RLHFSystem):
         scores = self(batch["input_ids"], batch["attention_mask"]).float()  # (2B,) one pass for both halves
         chosen, rejected = scores[:B], scores[B:]  # (B,), (B,)
         margin = batch.get("margin") if self.hparams.use_margin else None
-        loss, metrics = pairwise_loss(chosen, rejected, margin, center_coef=self.hparams.center_coef)
+        target = batch.get("probability") if self.hparams.get("use_soft_labels", True) else None
+        loss, metrics = pairwise_loss(chosen, rejected, margin, self.hparams.center_coef, target)
         metrics["diff"] = (chosen - rejected).detach()  # (B,)
         # Spread of the scores: a collapsing or exploding reward shows here first.
         metrics["chosen_std"] = chosen.detach().std(correction=0)
