@@ -24,119 +24,27 @@ At the end the frontier report (``frontier.md``) is written from whatever has fi
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import os
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from rlhf_lightning.pipeline.grid import Point, SweepConfigError, expand_grid
 from rlhf_lightning.pipeline.runner import Pipeline
+from rlhf_lightning.pipeline.slurm import point_command, slurm_scripts
 from rlhf_lightning.pipeline.stages import DATA_INPUTS, STAGES
 from rlhf_lightning.rundir import RunDirLock
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"stage", "config", "overrides", "grid", "seeds"}
-
-
-class SweepConfigError(ValueError):
-    """A sweep config that cannot run, found before anything runs."""
-
-
-@dataclass(frozen=True)
-class Point:
-    """One run of a sweep: a training stage with some settings and a seed."""
-
-    method: str  # the sweep's name
-    stage: str  # the registered training stage it runs
-    setting: dict[str, Any]  # grid key -> value
-    seed: int
-    config: str | None = None  # the stage's YAML (None: the shipped one)
-    overrides: dict[str, Any] = field(default_factory=dict)  # fixed for every point of the sweep
-
-    @property
-    def setting_label(self) -> str:
-        """``init_kl_coef=0.1,lr=1e-05``: the last part of each dotted key with its value."""
-        return ",".join(f"{key.rsplit('.', 1)[-1]}={_fmt(value)}" for key, value in self.setting.items()) or "default"
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}/{self.setting_label}/seed{self.seed}"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "method": self.method,
-            "stage": self.stage,
-            "setting": self.setting,
-            "setting_label": self.setting_label,
-            "seed": self.seed,
-            "dir": str(Path("points") / self.name),
-        }
-
-
-def _fmt(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text.replace("/", "_").replace(" ", "")
-
-
-def expand_grid(sweeps: dict[str, dict[str, Any]], seeds: list[int]) -> list[Point]:
-    """Every point of every sweep: the product of its grid's values (keys in the order given,
-    the last varying fastest), then its seeds (``seeds`` unless the sweep names its own).
-
-    Raises:
-        SweepConfigError: an unknown sweep key, a stage that is not a training stage, a grid
-            that is not ``{dotted.key: [values]}`` or has an empty list, no seeds, two points
-            with the same directory.
-    """
-    if not sweeps:
-        raise SweepConfigError("sweeps: give at least one sweep, {name: {stage, grid, ...}}")
-    points: list[Point] = []
-    for method, spec in sweeps.items():
-        spec = spec or {}
-        where = f"sweeps.{method}"
-        unknown = sorted(set(spec) - SWEEP_KEYS)
-        if unknown:
-            raise SweepConfigError(f"{where}: unknown key(s) {unknown}; a sweep takes {sorted(SWEEP_KEYS)}")
-        stage = spec.get("stage", method)
-        if stage not in STAGES or not STAGES[stage].trains:
-            trains = [s.name for s in STAGES.values() if s.trains]
-            raise SweepConfigError(f"{where}.stage: {stage!r} is not a training stage; one of {trains}")
-        grid = spec.get("grid") or {}
-        if not isinstance(grid, dict):
-            raise SweepConfigError(f"{where}.grid: expected {{dotted.key: [values]}}, got {grid!r}")
-        for key, values in grid.items():
-            if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
-                raise SweepConfigError(f"{where}.grid: {key!r} is not a dotted key such as model.init_args.beta")
-            if not isinstance(values, list) or not values:
-                raise SweepConfigError(f"{where}.grid.{key}: expected a non-empty list of values, got {values!r}")
-        overrides = spec.get("overrides") or {}
-        if not isinstance(overrides, dict):
-            raise SweepConfigError(f"{where}.overrides: expected {{dotted.key: value}}, got {overrides!r}")
-        clash = sorted(set(grid) & set(overrides))
-        if clash:
-            raise SweepConfigError(f"{where}: {clash} both in grid and overrides; keep one")
-        run_seeds = spec.get("seeds", seeds)
-        if not isinstance(run_seeds, list) or not run_seeds or not all(isinstance(s, int) for s in run_seeds):
-            raise SweepConfigError(f"{where}.seeds: expected a non-empty list of integers, got {run_seeds!r}")
-        for values in itertools.product(*grid.values()):
-            setting = dict(zip(grid, values, strict=True))
-            for seed in run_seeds:
-                points.append(Point(method, stage, setting, seed, spec.get("config"), dict(overrides)))
-    names = [p.name for p in points]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise SweepConfigError(f"two points share a directory: {twice} (a value repeated, or values that print alike)")
-    return points
+__all__ = ["Point", "Sweep", "SweepConfigError", "expand_grid", "main", "point_command", "slurm_scripts"]
 
 
 class Sweep:
@@ -392,64 +300,6 @@ class Sweep:
             (out / name).write_text(content)
         (out / "submit.sh").chmod(0o755)
         return out
-
-
-def point_command(point_yaml: Path | str, python: str | None = None) -> list[str]:
-    """The command that runs one point (a pipeline run of its ``point.yaml``)."""
-    prefix = [python, "-m", "rlhf_lightning.cli"] if python else ["rlhf-lightning"]
-    return [*prefix, "pipeline", "-c", str(point_yaml)]
-
-
-def slurm_scripts(
-    run_dir: str,
-    n_points: int,
-    base_config: str,
-    sweep_config: str,
-    workdir: str,
-    partition: str | None = None,
-    time_limit: str = "04:00:00",
-    gpus_per_task: int = 1,
-    cpus_per_task: int = 8,
-    max_parallel: int | None = None,
-    setup: str = "",
-    extra: list[str] | None = None,
-) -> dict[str, str]:
-    """The text of the SLURM scripts (a pure function: see :meth:`Sweep.write_slurm`)."""
-
-    def header(name: str, array: str | None = None) -> str:
-        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={run_dir}/slurm/{name}-%A_%a.log"]
-        if partition:
-            lines.append(f"#SBATCH --partition={partition}")
-        lines += [f"#SBATCH --time={time_limit}", f"#SBATCH --cpus-per-task={cpus_per_task}"]
-        if gpus_per_task:
-            lines.append(f"#SBATCH --gpus-per-task={gpus_per_task}")
-        if array:
-            lines.append(f"#SBATCH --array={array}")
-        lines += [f"#SBATCH {x}" for x in extra or []]
-        lines += ["set -euo pipefail", f"cd {shlex.quote(workdir)}"]
-        if setup:
-            lines.append(setup)
-        return "\n".join(lines) + "\n"
-
-    array = f"0-{n_points - 1}" + (f"%{max_parallel}" if max_parallel else "") if n_points else None
-    scripts = {
-        "base.sbatch": header("sweep-base") + f"rlhf-lightning pipeline -c {shlex.quote(base_config)}\n",
-        "report.sbatch": header("sweep-report")
-        + f"rlhf-lightning sweep -c {shlex.quote(sweep_config)} --report_only true\n",
-    }
-    submit = ["#!/bin/bash", "set -euo pipefail", f"cd {shlex.quote(run_dir)}/slurm"]
-    submit.append("base=$(sbatch --parsable base.sbatch)")
-    if array:
-        scripts["points.sbatch"] = header("sweep-points", array) + (
-            'point=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' + shlex.quote(f"{run_dir}/slurm/points.txt") + ")\n"
-            'srun rlhf-lightning pipeline -c "$point"\n'
-        )
-        submit.append('points=$(sbatch --parsable --dependency=afterok:"$base" points.sbatch)')
-        submit.append('sbatch --dependency=afterany:"$points" report.sbatch')
-    else:
-        submit.append('sbatch --dependency=afterok:"$base" report.sbatch')
-    scripts["submit.sh"] = "\n".join(submit) + "\n"
-    return scripts
 
 
 def build_parser() -> ArgumentParser:
