@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_lightning.cli import cli_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# Not Lightning stage configs: pipeline configs, the CAI data stages' settings, constitutions.
-NOT_FIT = {"predict.yaml", "quickstart.yaml", "cai.yaml", "cai_revise.yaml", "cai_label.yaml"}
+# Not Lightning stage configs: pipeline and sweep configs, the CAI data stages' settings, constitutions.
+NOT_FIT = {"predict.yaml", "quickstart.yaml", "frontier.yaml", "cai.yaml", "cai_revise.yaml", "cai_label.yaml"}
 FIT_CONFIGS = sorted(
     p.name for p in CONFIGS.glob("*.yaml") if p.name not in NOT_FIT and not p.name.startswith("constitution_")
 )
