@@ -40,7 +40,7 @@ def fit(workspace, config, root, extra=(), wait=True):
         "fit",
         "-c",
         str(config),
-        "--trainer.max_steps=32",
+        "--trainer.max_steps=80",  # 20 iterations: on a fast idle machine 8 ended within 0.5 s of the first checkpoint
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",
         "--data.init_args.batch_size=4",

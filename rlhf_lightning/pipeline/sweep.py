@@ -88,7 +88,10 @@ class Sweep:
         base = self.base_pipeline()
         inputs = base.inputs
         data = {name: inputs[name] for name in DATA_INPUTS if inputs.get(name)}
-        exports = {s.name: inputs[s.name] for s in STAGES.values() if s.trains and s.name != point.stage}
+        # The exports the stage reads, and the evaluation's reference and reward model: named
+        # explicitly, so a point's config never mentions stages only this process registered.
+        wanted = {*STAGES[point.stage].consumes, *STAGES["evaluate"].consumes, "reward"}
+        exports = {s.name: inputs[s.name] for s in STAGES.values() if s.trains and s.name in wanted - {point.stage}}
         stage: dict[str, Any] = {"overrides": {**point.overrides, **point.setting}}
         if point.config:
             stage["config"] = point.config
