@@ -11,6 +11,7 @@ import yaml
 
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.pipeline.sweep import Point, Sweep, SweepConfigError, expand_grid, slurm_scripts
+from tests.conftest import TINY_MODEL_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,15 +212,7 @@ def test_point_describe_matches_its_directory(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+TINY = {k: v for k, v in TINY_MODEL_CONFIG.items() if k != "tie_word_embeddings"}
 QUIET = {"trainer.enable_progress_bar": False, "trainer.limit_val_batches": 1}
 
 

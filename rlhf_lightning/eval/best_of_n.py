@@ -16,7 +16,6 @@ Means and standard errors are over prompts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from rlhf_lightning.eval.sampling import (
     load_frozen_reward_model,
     sample_and_score,
     to_device,
+    write_result,
 )
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.importing import import_callable
@@ -128,13 +128,7 @@ def best_of_n(
         "seconds": seconds,
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "best_of_n.json").write_text(json.dumps(result, indent=2) + "\n")
-        with (out / "best_of_n_samples.jsonl").open("w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        log.info("wrote %s and %s", out / "best_of_n.json", out / "best_of_n_samples.jsonl")
+        write_result(out_dir, "best_of_n", result, records)
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -38,6 +37,7 @@ from rlhf_lightning.eval.sampling import (
     load_frozen_reward_model,
     sample_and_score,
     to_device,
+    write_result,
 )
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.importing import import_callable
@@ -152,13 +152,7 @@ def evaluate_policies(
         },
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        with (out / "eval_samples.jsonl").open("w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        log.info("wrote %s and %s", out / "eval.json", out / "eval_samples.jsonl")
+        write_result(out_dir, "eval", result, records)
     return result
 
 

@@ -15,8 +15,10 @@ log-probs at the same temperature (the sampling temperature unless told otherwis
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,3 +158,14 @@ def load_frozen_reward_model(path: str) -> nn.Module:
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """The batch with its tensors moved to ``device`` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def write_result(out_dir: str | Path, name: str, result: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """``<out_dir>/<name>.json`` (the result) and ``<out_dir>/<name>_samples.jsonl`` (one record a line)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with (out / f"{name}_samples.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    log.info("wrote %s and %s", out / f"{name}.json", out / f"{name}_samples.jsonl")
