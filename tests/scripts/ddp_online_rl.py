@@ -1,8 +1,6 @@
 """Run an online-RL stage under 2-process CPU DDP and write what each rank saw (tests/test_ddp.py).
 
-    python tests/scripts/ddp_online_rl.py SFT_EXPORT TOKENIZER PROMPTS OUT_DIR ESTIMATOR [STRATEGY]
-
-STRATEGY is ``ddp`` (default) or ``fsdp`` (Lightning's FSDPStrategy, one unit per decoder layer).
+    python tests/scripts/ddp_online_rl.py SFT_EXPORT TOKENIZER PROMPTS OUT_DIR ESTIMATOR
 
 Lightning's DDP launcher starts the second rank by running this file again. Each rank
 writes ``OUT_DIR/rank{r}.json``: the prompts and group ids of every rollout, the
@@ -44,16 +42,7 @@ class Recording(OnlineRLModule):
         return stats
 
 
-def strategy_for(name: str):
-    if name == "ddp":
-        return "ddp"
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, sharding_strategy="FULL_SHARD")
-
-
-def main(sft: str, tokenizer: str, prompts: str, out_dir: str, estimator: str, strategy: str = "ddp") -> None:
+def main(sft: str, tokenizer: str, prompts: str, out_dir: str, estimator: str) -> None:
     L.seed_everything(0)
     group = estimator != "reinforce_pp"
     module = Recording(
@@ -78,7 +67,7 @@ def main(sft: str, tokenizer: str, prompts: str, out_dir: str, estimator: str, s
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategy_for(strategy),
+        strategy="ddp",
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -88,13 +77,7 @@ def main(sft: str, tokenizer: str, prompts: str, out_dir: str, estimator: str, s
         default_root_dir=out_dir,
     )
     trainer.fit(module, datamodule=dm)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
-            checksum = sum(float(p.double().sum()) for p in module.policy.parameters())
-    else:
-        checksum = sum(float(p.double().sum()) for p in module.policy.parameters())
+    checksum = sum(float(p.double().sum()) for p in module.policy.parameters())
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -105,4 +88,4 @@ def main(sft: str, tokenizer: str, prompts: str, out_dir: str, estimator: str, s
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:7])
+    main(*sys.argv[1:6])
