@@ -203,6 +203,24 @@ def test_write_slurm_lists_the_points_to_run_and_their_configs(tmp_path):
     build_parser().parse_args(["-c", lines[0]])
 
 
+def test_a_point_run_with_another_config_stops_the_sweep_before_it_starts(tmp_path, capsys):
+    run_dir = tmp_path / "sw"
+    sweeps = {"dpo": {"overrides": {"trainer.max_steps": 5}, "grid": {"model.init_args.beta": [0.1, 0.5]}}}
+    argv = ["sweep", f"--run_dir={run_dir}", "--seeds=[0]", "--dry_run=true"]
+    cli_main([*argv, f"--sweeps={json.dumps(sweeps)}"])
+    sweep = Sweep({"run_dir": str(run_dir), "seeds": [0], "sweeps": sweeps})
+    for point in sweep.points:
+        sweep.write_point_config(point)  # as a run leaves them
+    assert sweep.stale_points() == []
+    cli_main([*argv, f"--sweeps={json.dumps(sweeps)}"])  # the same config again: fine
+
+    sweeps["dpo"]["overrides"]["trainer.max_steps"] = 50  # then the fixed overrides change
+    with pytest.raises(SystemExit):
+        cli_main([*argv, f"--sweeps={json.dumps(sweeps)}"])
+    err = capsys.readouterr().err
+    assert "2 point(s)" in err and "dpo/beta=0.1/seed0" in err and "ran with another config" in err
+
+
 def test_point_describe_matches_its_directory(tmp_path):
     p = Point("ppo", "ppo", {"model.init_args.init_kl_coef": 0.1}, 2)
     row = p.describe()

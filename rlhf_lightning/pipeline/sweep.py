@@ -15,7 +15,8 @@ A sweep config (``configs/frontier.yaml``) names
 Every point's full config is parsed by the stage's own parser before anything runs, so an
 unknown key, a value of the wrong type or an empty list fails at once. A point with an
 evaluation is done and skipped; an interrupted one continues from its ``last.ckpt``, so a
-sweep is resumed by running the same command again. Points run one after another
+sweep is resumed by running the same command again. A point whose directory holds a run of
+another config (say the grid's fixed overrides changed) stops the sweep before it starts. Points run one after another
 (``--workers 1``), in parallel subprocesses (``--workers N``, torch threads split between
 them), or as a SLURM job array (``--launcher slurm`` writes the scripts and submits nothing).
 At the end the frontier report (``frontier.md``) is written from whatever has finished.
@@ -112,6 +113,16 @@ class Sweep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.point_config(point), sort_keys=False))
         return path
+
+    def stale_points(self) -> list[str]:
+        """Points whose directory holds a run of another config (the grid's fixed overrides, the
+        base or the evaluation changed since): skipping or resuming them would mix settings."""
+        stale = []
+        for point in self.points:
+            path = self.point_dir(point) / "point.yaml"
+            if path.exists() and yaml.safe_load(path.read_text()) != self.point_config(point):
+                stale.append(point.name)
+        return stale
 
     def is_done(self, point: Point) -> bool:
         return (self.point_dir(point) / "eval.json").exists()
@@ -359,6 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, str] | Path | list[Point]:
     try:
         sweep = Sweep(cfg)
         sweep.validate()
+        stale = sweep.stale_points()
+        if stale:
+            raise SweepConfigError(
+                f"{len(stale)} point(s) in {sweep.run_dir} ran with another config than this one: {stale}; "
+                "delete their directories to run them again, or choose a new --run_dir"
+            )
     except SweepConfigError as exc:
         parser.error(str(exc))
     if workers < 1:
