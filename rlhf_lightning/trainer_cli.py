@@ -122,22 +122,19 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> RLHFCL
 
 
 class _ParseOnly(RLHFCLI):
-    """Parses and validates a config (types, unknown keys, interpolations); builds and runs nothing."""
+    """Parses and validates a config (types, unknown keys, interpolations); builds and runs nothing.
+
+    Built with ``run=False`` (no subcommand is run) and ``auto_configure_optimizers=False``; the two
+    overrides below keep the remaining steps of ``LightningCLI.__init__`` from acting."""
 
     def _set_seed(self) -> None:
-        pass
+        """Validation must not reseed the caller's global RNG (nor set ``PL_GLOBAL_SEED``)."""
 
     def instantiate_classes(self) -> None:
-        pass
-
-    def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand) -> None:
-        pass
+        """Nothing is built: the models a config names may not exist yet."""
 
 
-def parse_only(config: dict, subcommand: str = "fit") -> dict:
+def parse_only(config: dict) -> dict:
     """Validate a stage config as ``rlhf-lightning fit -c`` would, without building anything.
 
     Returns the parsed config as a dict; a bad key or value exits (``SystemExit``) after the
@@ -157,6 +154,8 @@ def parse_only(config: dict, subcommand: str = "fit") -> dict:
             subclass_mode_data=True,
             parser_class=ConciseParser,
             parser_kwargs={"parser_mode": "omegaconf+"},
-            args=[subcommand, "-c", f.name],
+            auto_configure_optimizers=False,
+            args=["-c", f.name],
+            run=False,
         )
-    return cli.config[subcommand].as_dict()
+    return cli.config.as_dict()

@@ -4,6 +4,7 @@ sweep end to end with skip-if-done and resume."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,21 @@ def test_sweep_end_to_end_skips_finished_points_and_resumes_an_interrupted_one(t
     assert status == {"dpo/beta=0.1/seed0": "skipped (done)", "dpo/beta=0.5/seed0": "done"}
     assert f"resuming dpo from {point / 'dpo/checkpoints/last.ckpt'}" in out
     assert (point / "eval.json").exists()
+
+
+def test_validation_parses_without_building_or_reseeding(monkeypatch):
+    import torch
+
+    from rlhf_lightning.trainer_cli import parse_only
+
+    cfg = yaml.safe_load((ROOT / "configs/dpo.yaml").read_text())
+    cfg["seed_everything"] = 7
+    cfg["inputs"]["sft"] = "/nonexistent/export"  # nothing is loaded, so this is fine here
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    parsed = parse_only(cfg)
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
+    assert "PL_GLOBAL_SEED" not in os.environ
+    assert parsed["data"]["init_args"]["seed"] == 7 and parsed["model"]["init_args"]["model"] == "/nonexistent/export"
