@@ -33,7 +33,8 @@ def test_shipped_constitutions_load():
     demo = load_constitution(ROOT / "configs/constitution_demo.yaml")
     assert [p.name for p in demo.principles] == ["negativity", "harshness", "enthusiasm", "defects"]
     assert all(p.choice for p in demo.principles) and demo.feedback.options == ("(A)", "(B)")
-    assert demo.feedback.mode == "critique" and demo.feedback.no_problems == "No problems."
+    assert demo.feedback.mode == "critique" and demo.feedback.no_problems == "{sentence} (ok)"
+    assert demo.feedback.principles == "all"
     chat = load_constitution(ROOT / "configs/constitution_chat_example.yaml")
     assert chat.chat.system and len(chat.few_shot) == 1 and chat.few_shot[0][-1]["role"] == "assistant"
 
@@ -77,6 +78,12 @@ def test_json_is_accepted(tmp_path):
         # feedback: an unknown mode; critique mode without the no-problems critique
         (GOOD + "feedback:\n  mode: vote\n", ":11: feedback.mode: expected choice or critique"),
         (GOOD + "feedback:\n  mode: critique\n", ":10: feedback: mode critique needs no_problems"),
+        (GOOD + "feedback:\n  principles: some\n", ":11: feedback.principles: expected one or all, got 'some'"),
+        (
+            GOOD + "feedback:\n  mode: critique\n  no_problems: '{sentence} {sentence}'\n",
+            ":12: feedback.no_problems: may hold {sentence} once",
+        ),
+        (GOOD + "feedback:\n  mode: critique\n  no_problems: '{sentence} '\n", ":12: feedback.no_problems: may hold"),
         # chat: a bad template switch
         (GOOD + "chat:\n  template: maybe\n", ":11: chat.template: expected auto, true or false"),
         # few-shot: an unknown role; a transcript that does not end with the assistant

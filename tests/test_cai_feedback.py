@@ -180,8 +180,101 @@ def test_critique_feedback_scores_each_response_alone(monkeypatch):
     torch.testing.assert_close(lp, torch.full((2,), 3 * math.log(1 / V)))
     assert sorted(model.seen) == ["U: q\n\nS: x\n\nU: Bad?\n\nS: ok", "U: q\n\nS: y\n\nU: Bad?\n\nS: ok"]
     # P(x better) = sigmoid(logit q_x - logit q_y): q = (0.8, 0.5) -> odds 4:1 -> 0.8; (0.9, 0.6) -> 9/1.5 = 6 -> 6/7
-    fake = torch.tensor([0.8, 0.9, 0.5, 0.6]).log()  # x of both pairs, then y of both pairs
+    fake = torch.tensor([0.8, 0.5, 0.9, 0.6]).log()  # pair by pair: x, then y
     monkeypatch.setattr(feedback, "no_problem_logprobs", lambda *args: fake)
     labels = feedback.label_pairs(None, CharTokenizer(), ["q", "q"], [("x", "y"), ("x", "y")], [p, p], const)
     assert [lab.probability for lab in labels] == pytest.approx([0.8, 6 / 7])
     assert not any(lab.orders_disagree for lab in labels) and labels[0].p_xy == labels[0].p_yx
+
+
+def test_critique_feedback_under_all_principles_multiplies_the_q(monkeypatch):
+    from rlhf_lightning.cai import feedback
+
+    p, r = Principle("good", "Bad?", "Fix."), Principle("kind", "Unkind?", "Be kind.")
+    q = FeedbackQuestion(mode="critique", no_problems="ok", principles="all")
+    const = Constitution((p, r), feedback=q, chat=ChatFormat(template=False, human="U:", assistant="S:"))
+    groups = feedback.draw_choice_principles(const, 2, seed=0)
+    assert groups == [(p, r), (p, r)]
+    asked = []
+
+    def fake(model, tok, requests, responses, principles, *args):
+        asked.extend(zip(responses, [pr.name for pr in principles], strict=True))
+        # q: x under good 0.8, under kind 0.5 -> Q_x 0.4; y: 0.5 and 0.5 -> Q_y 0.25
+        table = {("x", "good"): 0.8, ("x", "kind"): 0.5, ("y", "good"): 0.5, ("y", "kind"): 0.5}
+        return torch.tensor([table[a] for a in zip(responses, [pr.name for pr in principles], strict=True)]).log()
+
+    monkeypatch.setattr(feedback, "no_problem_logprobs", fake)
+    (label,) = feedback.label_pairs(None, CharTokenizer(), ["q"], [("x", "y")], groups[:1], const)
+    assert sorted(asked) == [("x", "good"), ("x", "kind"), ("y", "good"), ("y", "kind")]
+    # odds Q_x = 0.4/0.6 = 2/3, Q_y = 0.25/0.75 = 1/3: P = (2/3) / (2/3 + 1/3) = 2/3
+    assert label.probability == pytest.approx(2 / 3) and label.principle == "good+kind"
+
+
+class QuestionJudge(Judge):
+    """Prefers the option holding ``x`` 3:1 when asked "Which is better?", has no preference when
+    asked anything else; no position bias."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, V)  # (B, T, V)
+        for b, row in enumerate(input_ids.tolist()):
+            text = "".join(chr(i) for i in row if i > 1)
+            self.seen.append(text)
+            if "better" in text:
+                logits[b, :, ord("A" if text.find("A x") >= 0 else "B")] += math.log(3)
+        return SimpleNamespace(logits=logits)
+
+
+def test_choice_feedback_under_all_principles_averages_the_questions():
+    q = FeedbackQuestion("{prompt}\n{options}\n{choice}", ("A", "B"), "", principles="all")
+    p, r = Principle("good", "Bad?", "Fix.", "Which is better?"), Principle("kind", "?", "!", "Which is kinder?")
+    const = Constitution((p, r), feedback=q, chat=ChatFormat(template=False, human="U:", assistant="S:"))
+    judge = QuestionJudge()
+    (label,) = label_pairs(judge, CharTokenizer(), ["q"], [("x", "y")], [(p, r)], const)
+    # either order: 3/4 under "better", 1/2 under "kinder" -> 5/8
+    assert label.p_xy == pytest.approx(5 / 8) and label.p_yx == pytest.approx(5 / 8)
+    assert label.principle == "good+kind" and len(judge.seen) == 8  # 2 principles x 2 orders x 2 labels
+    (one,) = label_pairs(judge, CharTokenizer(), ["q"], [("x", "y")], [p], const)
+    assert one.probability == pytest.approx(3 / 4) and one.principle == "good"
+
+
+class OffsetCharTokenizer(CharTokenizer):
+    """CharTokenizer that also gives character offsets, as fast tokenizers do."""
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        out = super().__call__(text, add_special_tokens)
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+
+def test_per_sentence_critique_scores_the_verdicts_only():
+    from rlhf_lightning.cai import feedback
+
+    p = Principle("good", "Bad?", "Fix.")
+    q = FeedbackQuestion(mode="critique", no_problems="{sentence} (ok)")
+    const = Constitution((p,), feedback=q, chat=ChatFormat(template=False, human="U:", assistant="S:"))
+    model = Uniform()
+    lp = feedback.no_problem_logprobs(model, OffsetCharTokenizer(), ["q"] * 2, ["a. b", "c."], [p, p], const)
+    # " a. (ok) b (ok)": two verdicts " (ok)" of 5 characters each are scored, the copies are not;
+    # the mean over the sentences, so one verdict's worth each
+    torch.testing.assert_close(lp, torch.tensor([5.0, 5.0]) * math.log(1 / V))
+    assert model.seen == ["U: q\n\nS: a. b\n\nU: Bad?\n\nS: a. (ok) b (ok)", "U: q\n\nS: c.\n\nU: Bad?\n\nS: c. (ok)"]
+    # a model that likes "k" after "o" (odds 4 against each other character) raises every verdict
+    table = torch.zeros(V, V)
+    table[ord("o"), ord("k")] = math.log(4)
+    lp2 = feedback.no_problem_logprobs(Bigram(table), OffsetCharTokenizer(), ["q"], ["c."], [p], const)
+    assert lp2.item() == pytest.approx(4 * math.log(1 / V) + math.log(4 / (V + 3)))
+
+
+def test_scored_tokens_with_a_real_tokenizer(tokenizer):
+    from rlhf_lightning.cai.feedback import scored_tokens
+    from rlhf_lightning.cai.prompts import no_problem_critique
+
+    text, spans = no_problem_critique("The plot was dull. It was fun.", "{sentence} (ok)")
+    ids, mask = scored_tokens(tokenizer, text, spans)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    scored = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert scored.replace(" ", "") == "(ok)(ok)"
+    with pytest.raises(ValueError, match="empty"):
+        scored_tokens(tokenizer, "", [])

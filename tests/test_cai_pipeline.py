@@ -101,7 +101,7 @@ def test_cai_stage_settings(registry, tmp_path):
     assert settings["constitution"] == "configs/constitution_demo.yaml" and settings["seed"] == 0
     settings.pop("constitution")
     revise = revise_settings(settings)
-    assert revise.rounds == 3 and revise.sampling.temperature == 0.7 and revise.sampling.max_new_tokens == 48
+    assert revise.rounds == 3 and revise.sampling.temperature == 0.7 and revise.sampling.max_new_tokens == 64
     label = stage_settings(p, registry["cai_label"])
     label.pop("constitution")
     assert label_settings(label).samples_per_prompt == 2

@@ -125,3 +125,44 @@ def test_demo_demonstrations_use_the_prompts_the_stages_build(tmp_path):
     assert all(d["response"].startswith(" ") for d in demos[:6])
     again = cai_demonstrations(const, ["Review of X:"], seed=0, n_critique=3, n_revision=3, n_comparison=3)
     assert again == demos
+
+
+def test_split_sentences_and_the_per_sentence_no_problem_critique():
+    from rlhf_lightning.cai.prompts import no_problem_critique, split_sentences
+
+    assert split_sentences(" The plot was dull. I loved it!  It is based on a") == [
+        "The plot was dull.",
+        "I loved it!",
+        "It is based on a",
+    ]
+    assert split_sentences("Wow!! Really? ok") == ["Wow!!", "Really?", "ok"]
+    assert split_sentences("   ") == [] and split_sentences(" . ") == ["."]
+    text, spans = no_problem_critique(" The plot was dull. It is", "{sentence} (ok)")
+    assert text == "The plot was dull. (ok) It is (ok)"
+    assert [text[a:b] for a, b in spans] == [" (ok)", " (ok)"]  # the verdicts, not the copies
+    text, spans = no_problem_critique("Fine. Great.", "- {sentence}: fine;")
+    assert text == "- Fine.: fine; - Great.: fine;"
+    assert [text[a:b] for a, b in spans] == ["- ", ": fine;", "- ", ": fine;"]
+    assert no_problem_critique("", "{sentence} (ok)") == (" (ok)", [(0, 5)])  # nothing to copy
+    assert no_problem_critique("Any.", "No problems.") == ("No problems.", [(0, 12)])
+
+
+def test_demo_critiques_are_what_the_judge_scores():
+    """A demo critique of a review without a fault is, token for token, the per-sentence
+    no-problem critique the feedback scores; a flagged sentence differs only in its verdict."""
+    import random
+
+    from rlhf_lightning.cai.prompts import no_problem_critique
+    from rlhf_lightning.data.demo_cai import critique_text, review_text, sample_review
+
+    rng = random.Random(1)
+    for _ in range(200):
+        sentences = sample_review(rng, defect_rate=0.5)
+        ok, _ = no_problem_critique(review_text(sentences), "{sentence} (ok)")
+        if not any(s["defect"] for s in sentences):
+            assert critique_text(sentences, "defects", "{sentence} (ok)") == " " + ok
+        flagged = critique_text(sentences, "positive", "{sentence} (ok)")
+        assert flagged.count("(problem)") == sum(s["kind"] != "pos" for s in sentences)
+        assert flagged.replace("(problem)", "(ok)") == " " + ok
+    bad = [{"text": "It was bad.", "kind": "neg", "defect": None}]
+    assert critique_text(bad, "negative") == " Problems: It was bad."

@@ -11,10 +11,12 @@ A constitution is a YAML or JSON file (JSON is read as YAML, so both give line n
       - [{role: user, content: ...}, {role: assistant, content: ...}, ...]
     feedback:                        # optional (defaults below)
       mode: choice                   # choice: the multiple-choice question; critique: see below
+      principles: one                # one: a principle drawn per pair (the paper); all: every principle
       template: "{prompt}\\n{options}\\n{choice}"   # the user turn of the multiple-choice question
       options: ["(A)", "(B)"]        # option labels; the label is scored after answer_prefix + " "
       answer_prefix: "The answer is:"
-      no_problems: null              # critique mode: the critique that finds nothing, e.g. "No problems."
+      no_problems: null              # critique mode: the critique that finds nothing, e.g. "No problems.";
+                                     # with {sentence}, one verdict per sentence: "{sentence} (ok)"
     chat:                            # optional: how a conversation becomes text
       template: auto                 # auto: the tokenizer's chat template when it has one; true; false
       system: null                   # a system message (chat templates only)
@@ -57,13 +59,16 @@ class Principle:
 class FeedbackQuestion:
     """The wording of the AI feedback (see the module docstring). ``mode="choice"`` asks the
     multiple-choice question; ``mode="critique"`` scores each response alone by the probability
-    that its critique under the principle is ``no_problems`` (see ``cai/feedback.py``)."""
+    that its critique under the principle is ``no_problems`` (see ``cai/feedback.py``).
+    ``principles="one"`` judges each pair under one principle drawn at random (Bai et al.);
+    ``"all"`` under every principle at once (``cai/feedback.py`` says how they combine)."""
 
     template: str = "{prompt}\n{options}\n{choice}"
     options: tuple[str, ...] = ("(A)", "(B)")
     answer_prefix: str = "The answer is:"
     mode: str = "choice"
     no_problems: str | None = None
+    principles: str = "one"
 
 
 @dataclass(frozen=True)
@@ -175,14 +180,21 @@ def parse_constitution(data: Any, file: str = "<constitution>", lines: dict[tupl
         few_shot.append(tuple(messages))
     feedback = FeedbackQuestion()
     if "feedback" in top:
-        keys = ("mode", "template", "options", "answer_prefix", "no_problems")
+        keys = ("mode", "principles", "template", "options", "answer_prefix", "no_problems")
         raw = c.mapping(top["feedback"], ("feedback",), (), keys)
         mode = raw.get("mode", "choice")
         if mode not in ("choice", "critique"):
             c.fail(("feedback", "mode"), f"expected choice or critique, got {mode!r}")
+        judged_under = raw.get("principles", "one")
+        if judged_under not in ("one", "all"):
+            c.fail(("feedback", "principles"), f"expected one or all, got {judged_under!r}")
         no_problems = c.string(raw["no_problems"], ("feedback", "no_problems")) if raw.get("no_problems") else None
         if mode == "critique" and no_problems is None:
             c.fail(("feedback",), "mode critique needs no_problems (the critique that finds nothing)")
+        if no_problems is not None and (
+            no_problems.count("{sentence}") > 1 or not no_problems.replace("{sentence}", "").strip()
+        ):
+            c.fail(("feedback", "no_problems"), "may hold {sentence} once, beside the verdict that is scored")
         options = tuple(
             c.string(o, ("feedback", "options", i))
             for i, o in enumerate(c.items(raw.get("options", list(feedback.options)), ("feedback", "options")))
@@ -194,7 +206,7 @@ def parse_constitution(data: Any, file: str = "<constitution>", lines: dict[tupl
             if key not in template:
                 c.fail(("feedback", "template"), f"must contain {key}")
         prefix = c.string(raw.get("answer_prefix", feedback.answer_prefix), ("feedback", "answer_prefix"), True)
-        feedback = FeedbackQuestion(template, options, prefix, mode, no_problems)
+        feedback = FeedbackQuestion(template, options, prefix, mode, no_problems, judged_under)
     chat = ChatFormat()
     if "chat" in top:
         raw = c.mapping(top["chat"], ("chat",), (), ("template", "system", "human", "assistant", "separator"))

@@ -26,6 +26,7 @@ fresh chat from the latest revision, so the context does not grow with the round
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rlhf_lightning.cai.constitution import ChatFormat, Constitution, FeedbackQuestion, Principle
@@ -136,3 +137,32 @@ def request_text(conversation: list[dict[str, str]]) -> str:
     """The user's request a feedback question quotes: the last user turn of the conversation."""
     users = [m["content"] for m in conversation if m["role"] == "user"]
     return users[-1] if users else ""
+
+
+_SENTENCE = re.compile(r"[^.!?]*[^.!?\s][^.!?]*[.!?]*|[.!?]+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``: each runs to its closing ``.``, ``!`` or ``?`` (all of a run of
+    them), surrounding whitespace stripped; a last sentence without one (cut off) is kept."""
+    return [m.group().strip() for m in _SENTENCE.finditer(text) if m.group().strip()]
+
+
+def no_problem_critique(response: str, no_problems: str) -> tuple[str, list[tuple[int, int]]]:
+    """The critique that finds no problem with ``response``, and the character spans of it that a
+    judge is scored on. A ``no_problems`` without ``{sentence}`` is that text, scored whole; with
+    it, one copy per sentence of the response with the sentence filled in, joined by spaces (the
+    demo's ``"The plot was dull. (ok) It was fun. (ok)"``), scored on everything but the copied
+    sentences: the verdicts. A response without a sentence gets the template with an empty one."""
+    if "{sentence}" not in no_problems:
+        return no_problems, [(0, len(no_problems))]
+    head, tail = no_problems.split("{sentence}")
+    text, spans = "", []
+    for sentence in split_sentences(response) or [""]:
+        if text:
+            text += " "
+        spans.append((len(text), len(text) + len(head)))
+        text += head + sentence
+        spans.append((len(text), len(text) + len(tail)))
+        text += tail
+    return text, [(a, b) for a, b in spans if b > a]

@@ -5,8 +5,11 @@ A model trained from scratch can only apply a constitution it has learned to rea
 adds three kinds of SFT demonstration to the demo task, worded exactly as the constitution's
 principles ask (so the prompts match :mod:`rlhf_lightning.cai.prompts` at generation time):
 
-* **critique**: a review, a principle's critique request -> ``" Problems: <offending sentences>"``
-  or ``" No problems."``;
+* **critique**: a review, a principle's critique request -> every sentence copied with its
+  verdict, ``" The plot was dull. (problem) I loved it. (ok)"``, when the constitution's
+  ``no_problems`` is per sentence (``"{sentence} (ok)"``); else ``" Problems: <offending
+  sentences>"`` or ``" No problems."``. A verdict right after its sentence is a local decision a
+  tiny model learns (one "any problem?" answer for the whole review it barely did);
 * **revision**: the same chat, the critique, the revision request -> the review with each
   offending sentence rewritten (a negative one replaced by a positive one, a looped one removed,
   a stuttered or unfinished one restored);
@@ -37,6 +40,9 @@ from rlhf_lightning.data.tokenizer import CHAT_TEMPLATE
 # The rule of each principle of the demo constitution (configs/constitutions/demo.yaml), by name.
 RULES = {"negativity": "negative", "harshness": "negative", "enthusiasm": "positive", "defects": "defects"}
 DEFECT_RATE = 0.15
+# Demonstrations under the defects rule show a fault half the time: at DEFECT_RATE, 85 % of them
+# would answer "No problems." and the model would not learn to see a cut or looped sentence.
+DEFECTS_RULE_RATE = 0.5
 
 
 class _DemoTemplate:
@@ -92,8 +98,17 @@ def offending(sentences: list[dict[str, Any]], rule: str) -> list[int]:
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def critique_text(sentences: list[dict[str, Any]], rule: str) -> str:
+FLAGGED = "{sentence} (problem)"  # a flagged sentence in a per-sentence critique
+
+
+def critique_text(sentences: list[dict[str, Any]], rule: str, no_problems: str | None = None) -> str:
+    """The critique of a review under the rule. With a per-sentence ``no_problems`` template (the
+    constitution's, e.g. ``"{sentence} (ok)"``) every sentence is copied with its verdict, the
+    flagged ones as ``FLAGGED``; otherwise ``" Problems: <flagged sentences>"`` or ``" No problems."``."""
     bad = offending(sentences, rule)
+    if no_problems and "{sentence}" in no_problems:
+        verdicts = [FLAGGED if i in bad else no_problems for i in range(len(sentences))]
+        return " " + " ".join(v.replace("{sentence}", s["text"]) for v, s in zip(verdicts, sentences, strict=True))
     return " Problems: " + " ".join(sentences[i]["text"] for i in bad) if bad else " No problems."
 
 
@@ -142,13 +157,15 @@ def cai_demonstrations(
     out = []
     for n in range(n_critique + n_revision):
         principle, prompt = rng.choice(constitution.principles), rng.choice(prompts)
-        rule, sentences = _rule(principle), sample_review(rng)
+        rule = _rule(principle)
+        rate = DEFECTS_RULE_RATE if rule == "defects" else DEFECT_RATE
+        sentences = sample_review(rng, rate)
         # Revisions are shown mostly on reviews the principle finds fault with: a revision that
         # only repeats its review teaches little.
         while n >= n_critique and not offending(sentences, rule) and rng.random() < revise_faulty:
-            sentences = sample_review(rng)
+            sentences = sample_review(rng, rate)
         chat, response = [{"role": "user", "content": prompt}], review_text(sentences)
-        critique = critique_text(sentences, rule)
+        critique = critique_text(sentences, rule, constitution.feedback.no_problems)
         if n < n_critique:
             out.append({"prompt": critique_prompt(chat, response, principle, constitution, tok), "response": critique})
         else:
