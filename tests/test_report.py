@@ -147,6 +147,13 @@ def test_write_report(tmp_path):
     assert lines[2].split() == ["ppo", "0.400", "1.200", "3.000", "0.900", "25.000", "0.700"]
     assert lines[3].split() == ["dpo", "0.500", "-", "2.000", "-", "-", "-"]
     assert lines[4] == "reward model: validation accuracy 0.700 (label-noise ceiling 0.840)"
+    # The ceiling is the demo pairs' noise: a reward model validated on other pairs (AI feedback)
+    # is shown without it; one whose config names the demo pairs keeps it.
+    (run / "reward/config.yaml").write_text("inputs: {preference_val_file: elsewhere/preferences_val.jsonl}\n")
+    assert summary_lines(run)[4] == "reward model: validation accuracy 0.700"
+    demo_pairs = run / "data" / "preferences_val.jsonl"
+    (run / "reward/config.yaml").write_text(f"inputs: {{preference_val_file: {demo_pairs}}}\n")
+    assert summary_lines(run)[4].endswith("(label-noise ceiling 0.840)")
 
 
 def test_report_skips_what_is_missing(tmp_path):

@@ -68,6 +68,25 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def noise_ceiling(run_dir: Path, stage_dir: Path) -> float | None:
+    """The demo task's label-noise ceiling (``data/summary.json``) for a reward model validated on
+    the demo's preference pairs; None when the stage's ``config.yaml`` names other validation pairs
+    (AI-feedback labels, say), whose noise that ceiling does not measure."""
+    ceiling = (read_json(run_dir / "data" / "summary.json") or {}).get("preference_ceiling_val")
+    config = stage_dir / "config.yaml"
+    if ceiling is None or not config.is_file():
+        return ceiling
+    import yaml
+
+    try:
+        val = ((yaml.safe_load(config.read_text()) or {}).get("inputs") or {}).get("preference_val_file")
+    except yaml.YAMLError as err:
+        log.warning("could not read %s: %s", config, err)
+        return ceiling
+    demo = run_dir / "data" / "preferences_val.jsonl"
+    return ceiling if val is None or Path(val).resolve() == demo.resolve() else None
+
+
 def find_eval(run_dir: Path) -> Path | None:
     """``run_dir/eval.json``, else ``run_dir/eval/eval.json``, else None."""
     for cand in (run_dir / "eval.json", run_dir / "eval" / "eval.json"):

@@ -17,6 +17,7 @@ from rlhf_lightning.report.figures import (
 )
 from rlhf_lightning.report.io import (
     last_value,
+    noise_ceiling,
     read_eval,
     read_json,
     read_samples,
@@ -187,7 +188,8 @@ def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = Non
     md: list[str] = [f"# RLHF run report: `{run_dir.resolve().name}`", ""]
 
     eval_path, evaluation = read_eval(run_dir)
-    series = read_stage_series(resolve_stages(run_dir, stages, evaluation))
+    stage_dirs = resolve_stages(run_dir, stages, evaluation)
+    series = read_stage_series(stage_dirs)
     trajectories = {s: t for s, t in ((s, eval_trajectory(v)) for s, v in series.items()) if t}
 
     # Held-out evaluation of the policies.
@@ -216,8 +218,8 @@ def write_report(run_dir: str | os.PathLike, stages: dict[str, str] | None = Non
             md += _overoptimization_section(stage, trajectories[stage], fig, run_dir)
 
     # Reward-model accuracy beside its noise ceiling.
-    ceiling = (read_json(run_dir / "data" / "summary.json") or {}).get("preference_ceiling_val")
     for stage, s in series.items():
+        ceiling = noise_ceiling(run_dir, stage_dirs[stage])
         fig = plot_rm_accuracy(s, ceiling, figures / f"{stage}_rm_accuracy.png")
         if fig:
             md += _rm_accuracy_section(stage, s, ceiling, fig, run_dir)

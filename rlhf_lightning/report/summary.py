@@ -9,8 +9,8 @@ from rlhf_lightning.eval.metrics import metric_columns
 from rlhf_lightning.report.io import (
     discover_stages,
     last_value,
+    noise_ceiling,
     read_eval,
-    read_json,
     read_stage_series,
 )
 
@@ -21,7 +21,7 @@ def summary_lines(run_dir: str | os.PathLike) -> list[str]:
     The table has the summary columns of
     :data:`~rlhf_lightning.eval.metrics.METRIC_COLUMNS` (short headers) that some policy
     has, ``-`` where a policy lacks one; then one line per stage that logged a validation
-    reward-model accuracy, beside the label-noise ceiling of ``data/summary.json``.
+    reward-model accuracy, beside the label-noise ceiling of ``data/summary.json`` when it applies.
     Whatever is missing is left out.
     """
     run_dir = Path(run_dir)
@@ -38,10 +38,11 @@ def summary_lines(run_dir: str | os.PathLike) -> list[str]:
                 f"{m[c.key]:>9.3f}" if isinstance(m.get(c.key), (int, float)) else f"{'-':>9}" for c in cols
             )
             lines.append(f"{name:<{width}}{cells}")
-    ceiling = (read_json(run_dir / "data" / "summary.json") or {}).get("preference_ceiling_val")
-    for stage, series in read_stage_series(discover_stages(run_dir, evaluation)).items():
+    stages = discover_stages(run_dir, evaluation)
+    for stage, series in read_stage_series(stages).items():
         val = last_value(series, "val/rm/accuracy", "val/rm/accuracy_epoch")
         if val is not None:
+            ceiling = noise_ceiling(run_dir, stages[stage])
             who = "reward model" if stage == "reward" else f"reward model ({stage})"
             lines.append(
                 f"{who}: validation accuracy {val:.3f}"
