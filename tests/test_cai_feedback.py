@@ -50,15 +50,21 @@ class Judge(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.seen: list[str] = []
 
+    def next_token_logits(self, text: str) -> torch.Tensor:
+        """``(V,)``: the same logits at every position of a sequence reading ``text``."""
+        logits = torch.zeros(V)
+        x_first = text.find("A x") >= 0  # option A holds the response "x"
+        logits[ord("A" if x_first else "B")] += math.log(3)
+        logits[ord("A")] += math.log(2)
+        return logits
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         B, T = input_ids.shape
         logits = torch.zeros(B, T, V)  # (B, T, V)
         for b, row in enumerate(input_ids.tolist()):
             text = "".join(chr(i) for i in row if i > 1)
             self.seen.append(text)
-            x_first = text.find("A x") >= 0  # option A holds the response "x"
-            logits[b, :, ord("A" if x_first else "B")] += math.log(3)
-            logits[b, :, ord("A")] += math.log(2)
+            logits[b] = self.next_token_logits(text)
         return SimpleNamespace(logits=logits)
 
 
@@ -214,15 +220,11 @@ class QuestionJudge(Judge):
     """Prefers the option holding ``x`` 3:1 when asked "Which is better?", has no preference when
     asked anything else; no position bias."""
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        B, T = input_ids.shape
-        logits = torch.zeros(B, T, V)  # (B, T, V)
-        for b, row in enumerate(input_ids.tolist()):
-            text = "".join(chr(i) for i in row if i > 1)
-            self.seen.append(text)
-            if "better" in text:
-                logits[b, :, ord("A" if text.find("A x") >= 0 else "B")] += math.log(3)
-        return SimpleNamespace(logits=logits)
+    def next_token_logits(self, text: str) -> torch.Tensor:
+        logits = torch.zeros(V)
+        if "better" in text:
+            logits[ord("A" if text.find("A x") >= 0 else "B")] += math.log(3)
+        return logits
 
 
 def test_choice_feedback_under_all_principles_averages_the_questions():

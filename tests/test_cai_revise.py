@@ -194,6 +194,25 @@ def test_chat_conventions_through_sl_cai_and_ai_feedback(tmp_path):
     ]
     assert len(pairs) == n["pairs"] and all(0.5 <= p["probability"] <= 1 for p in pairs)
     assert 0 <= label["orders_disagree"] <= 1
+    # The demo's kind of feedback through the same chat conventions: a verdict per sentence, every
+    # principle; the verdict tokens are found by the ChatML tokenizer's offsets.
+    const.write_text(
+        "principles:\n  - {name: rude, critique_request: 'Rude?', revision_request: Fix it.}\n"
+        "  - {name: long, critique_request: 'Too long?', revision_request: Shorten it.}\n"
+        "feedback: {mode: critique, principles: all, no_problems: '{sentence} (ok)'}\n"
+        "chat: {system: You are kind.}\n"
+    )
+    label = run_label(
+        str(tmp_path / "policy"),
+        str(tmp_path / "policy"),
+        str(prompts),
+        str(const),
+        str(tmp_path / "label_critique"),
+        LabelSettings(samples_per_prompt=2, sampling=sampling, val_fraction=0.25),
+    )
+    rows = [json.loads(line) for line in (tmp_path / "label_critique" / "labels.jsonl").read_text().splitlines()]
+    assert len(rows) == label["counts"]["pairs"] > 0 and label["orders_disagree"] == 0
+    assert all(r["principle"] == "rude+long" and 0 < r["probability"] < 1 for r in rows)
 
 
 def test_commands_take_a_config_file_and_flags(tmp_path, capsys):
