@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from rlhf_lightning.loggers import samples_file
+
 log = logging.getLogger(__name__)
 
 
@@ -160,7 +162,6 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
     Weights & Biases gets a table, TensorBoard a markdown text; the JSONL file in the
     run directory works with any logger (or none).
     """
-    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -172,7 +173,7 @@ def log_samples(trainer: L.Trainer, key: str, columns: list[str], rows: list[lis
                 "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n" for row in rows
             )
             logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
-    path = Path(log_dir or trainer.default_root_dir) / "samples.jsonl"
+    path = samples_file(trainer)  # cut back to a checkpoint's size when a run resumes from it
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for row in rows:

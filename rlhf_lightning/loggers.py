@@ -11,7 +11,8 @@ the file:
   in are kept too, since the resumed run does not log them again; those from the step the
   resumed run starts at onwards are dropped, since it logs them again.
 
-So after a kill and a resume every step is in the file once. A fresh run (no checkpoint)
+So after a kill and a resume every step is in the file once; the same holds for the rows of
+``samples.jsonl`` (:func:`resume_logs`). A fresh run (no checkpoint)
 into a directory with an old ``metrics.csv`` moves it aside to ``metrics.csv.1`` (an older
 ``.1`` becomes ``.2``, and so on) with a warning: nothing already logged is deleted.
 
@@ -25,11 +26,12 @@ from __future__ import annotations
 import csv
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -161,17 +163,38 @@ def _resumable(trainer: L.Trainer) -> list[ResumableCSVLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
 
 
+def samples_file(trainer: L.Trainer) -> Path:
+    """Where :func:`~rlhf_lightning.callbacks.log_samples` writes: ``samples.jsonl`` in the first
+    logger's directory (``Trainer.log_dir``, without its broadcast), else in ``default_root_dir``."""
+    directory = None
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        directory = first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else first.save_dir
+    return Path(directory or trainer.default_root_dir) / "samples.jsonl"
+
+
 def log_positions(trainer: L.Trainer) -> dict[str, int]:
-    """``{log_dir: rows}`` of each :class:`ResumableCSVLogger`, for a checkpoint."""
-    return {os.path.abspath(lg.log_dir): lg.rows or 0 for lg in _resumable(trainer)}
+    """For a checkpoint: ``{log_dir: rows}`` of each :class:`ResumableCSVLogger`, and the size in
+    bytes of the run's ``samples.jsonl`` under its absolute path."""
+    positions = {os.path.abspath(lg.log_dir): lg.rows or 0 for lg in _resumable(trainer)}
+    samples = samples_file(trainer)
+    positions[os.path.abspath(samples)] = samples.stat().st_size if samples.is_file() else 0
+    return positions
 
 
 def resume_logs(trainer: L.Trainer, positions: dict[str, int] | None) -> None:
-    """Tell each logger that the run resumes from a checkpoint with these positions."""
+    """Tell each logger that the run resumes from a checkpoint with these positions, and cut
+    ``samples.jsonl`` back to its size at the checkpoint: the resumed run samples and logs the
+    rest again (every sample row is written inside a training step, before the batch's checkpoint)."""
     for lg in _resumable(trainer):
         rows = (positions or {}).get(os.path.abspath(lg.log_dir))
         if rows is not None:
             lg.resume(rows)
+    samples = samples_file(trainer)
+    size = (positions or {}).get(os.path.abspath(samples))
+    if trainer.is_global_zero and size is not None and samples.is_file() and samples.stat().st_size > size:
+        with samples.open("r+b") as f:
+            f.truncate(size)
 
 
 def start_resumed_logs(trainer: L.Trainer, step: int) -> None:

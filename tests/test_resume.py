@@ -1,6 +1,6 @@
 """Exact resume: a run killed after a checkpoint and resumed from ``last.ckpt`` in a fresh
 Trainer logs, from the resume on, the very metrics of the uninterrupted run (bit for bit)
-and ends with the very same weights; its metrics.csv holds every step once."""
+and ends with the very same weights; its metrics.csv (and samples.jsonl) holds every step once."""
 
 from __future__ import annotations
 
@@ -116,6 +116,11 @@ def kill_and_resume(make_module, make_data, tmp_path, kill_at, mid_batch=False, 
     # metrics.csv: every row once, equal to the uninterrupted run's.
     cut_csv = read_csv(tmp_path / "cut/logs/metrics.csv")
     assert cut_csv == read_csv(tmp_path / "whole/logs/metrics.csv")
+    # samples.jsonl (online RL; in default_root_dir, as the first logger here keeps no files):
+    # every sample row once, equal to the uninterrupted run's.
+    whole_samples = tmp_path / "whole/samples.jsonl"
+    if whole_samples.exists():
+        assert (tmp_path / "cut/samples.jsonl").read_text() == whole_samples.read_text()
     return whole_rows
 
 

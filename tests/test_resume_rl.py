@@ -66,6 +66,29 @@ def test_ppo_killed_mid_run_resumes_exactly(exports, tmp_path):
     assert len(kl) == 4 and len(set(kl)) > 1
 
 
+def test_ppo_killed_iterations_after_its_checkpoint_logs_every_sample_once(exports, tmp_path):
+    # A checkpoint every 2 iterations (8 optimizer steps), samples logged every iteration, killed
+    # as iteration 4 starts: iteration 3's samples and metrics were logged after the last
+    # checkpoint, and the resumed run logs them again; samples.jsonl is cut back at the resume.
+    def make_module():
+        return OnlineRLModule(
+            model=exports["sft"],
+            reward_model=exports["rm"],
+            tokenizer=exports["tokenizer"],
+            sampling=SamplingConfig(max_new_tokens=6),
+            ppo_epochs=2,
+            minibatch_size=2,
+            sample_log_every_n_steps=1,
+        )
+
+    kill_and_resume(
+        make_module, make_data(exports), tmp_path, kill_at=12, redone=1, max_epochs=1, ckpt={"every_n_train_steps": 8}
+    )
+    lines = (tmp_path / "cut/samples.jsonl").read_text().splitlines()
+    # 3 prompts per rollout, 4 a row at most: 3, 3, 3 and the last prompt of the epoch
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+
+
 def test_grpo_killed_at_an_epoch_boundary_resumes_exactly(exports, tmp_path):
     # Four samples a prompt, one optimizer step an iteration: step 4 ends epoch 0.
     def make_module():
