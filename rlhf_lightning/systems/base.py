@@ -34,6 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel
 
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
 from rlhf_lightning.models import (
@@ -49,6 +50,7 @@ from rlhf_lightning.models import (
     prepare_trainable,
     save_adapter,
     save_hf,
+    shard,
 )
 from rlhf_lightning.optim import build_optimization
 from rlhf_lightning.resume import ExactResume
@@ -81,11 +83,40 @@ class RLHFSystem(ExactResume, L.LightningModule):
         if not self._models_built:
             self.build_models()
             self._models_built = True
+            if self.device_mesh is not None:  # ModelParallelStrategy
+                self.shard_trainable(self.device_mesh)
             self.trainable_params = self._count_trainable()
             n, total = self.trainable_params
             rank_zero_info(
                 f"{type(self).__name__}: trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.2f}%)"
             )
+
+    def shard_trainable(self, mesh) -> None:
+        """FSDP2: shard every trainable model over the data-parallel ranks (``models/sharding.py``).
+
+        Frozen models stay whole on every rank: they only run forwards (sharding them too is
+        the next step for models that do not fit a device). A trainable model must be a
+        ``transformers`` model called through its forward, which is where FSDP2 gathers its
+        weights: the reward model's and critics' wrappers are not yet, so they fail here
+        rather than train unsynchronised on each rank.
+        """
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "only data parallelism (FSDP2) is implemented: use "
+                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)"
+            )
+        if self.lora is not None:  # exports and references of a sharded adapter are not written yet
+            raise NotImplementedError("LoRA under ModelParallelStrategy (FSDP2) is not supported yet")
+        trainable = {
+            name: child
+            for name, child in self.named_children()
+            if name not in self._frozen and any(p.requires_grad for p in child.parameters())
+        }
+        for name, child in trainable.items():
+            if not isinstance(child, PreTrainedModel):
+                raise NotImplementedError(f"FSDP2 cannot shard {name} ({type(child).__name__}) yet")
+        for child in trainable.values():
+            shard(child, mesh["data_parallel"])
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -180,14 +211,15 @@ class RLHFSystem(ExactResume, L.LightningModule):
         """The ``PreTrainedModel`` the next stage loads."""
         raise NotImplementedError(f"{type(self).__name__} must implement export_model")
 
-    def export_hf(self, path: str | Path) -> Path:
+    def export_hf(self, path: str | Path, model: torch.nn.Module | None = None) -> Path:
         """``save_pretrained`` the exported model and the tokenizer (the hand-off to the next stage).
 
         With LoRA: merged weights (a plain model: the next stage's base and reference is
         this one), or the adapter alone on top of this stage's ``model`` when ``lora.export``
-        is ``adapter``.
+        is ``adapter``. ``model``: what to export instead of :meth:`export_model` (the full copy
+        of a sharded model, ``models.gathered_copy``).
         """
-        model = self.export_model()
+        model = self.export_model() if model is None else model
         check_finite_weights(model, f"{type(self).__name__} to {path}")
         if self.lora is not None and self.lora.export == "adapter":
             path = save_adapter(model, path, self.hparams.get("model"))
