@@ -36,7 +36,7 @@ from rlhf_lightning.models.reward import (
     init_score_head,
     load_reward_model,
 )
-from rlhf_lightning.models.sharding import full_parameters, gathered_copy, is_sharded, shard
+from rlhf_lightning.models.sharding import full_parameters, gathered_copy, holds_shards, is_sharded, shard
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -60,6 +60,7 @@ __all__ = [
     "freeze",
     "full_parameters",
     "gathered_copy",
+    "holds_shards",
     "init_score_head",
     "is_sharded",
     "last_token_index",

@@ -13,12 +13,18 @@ Two things need every rank at once, because they all-gather:
   once before decoding and freed after it, so decoding runs without collectives;
 * **export** (:func:`gathered_copy`): the full state dict is gathered on rank 0, which
   writes the ``save_pretrained`` directory from a plain copy.
+
+Checkpoints are Lightning's: a directory in which each rank writes its shards
+(``torch.distributed.checkpoint``), read back in place on resume. That reader asks for
+every weight of the system, so a checkpoint that :func:`holds_shards` keeps the frozen
+reference, which the other checkpoints leave to be reloaded from its export.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +40,15 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a part of it) is managed by FSDP2."""
     return bool(fsdp_modules(model))
+
+
+def holds_shards(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict holds FSDP2 shards (``DTensor``), as a sharded checkpoint's does."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in state.values())
 
 
 def shard(model: nn.Module, mesh) -> nn.Module:

@@ -12,7 +12,8 @@ its models in :meth:`RLHFSystem.build_models`. The base then takes care of:
   (:meth:`PolicySystem.reference`): no second copy of the weights;
 * **frozen models** (reference, reward model), registered with :meth:`add_frozen`: eval
   mode whatever Lightning asks of the system, no gradients, never in an optimizer, and
-  left out of checkpoints when they can be reloaded from their export;
+  left out of checkpoints when they can be reloaded from their export (except sharded
+  FSDP2 checkpoints, whose loader asks for every weight);
 * **optimizers**: the injected optimizer and scheduler over :meth:`param_groups`;
 * **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer; with LoRA the
   adapter is merged into the exported weights unless ``lora.export`` is ``adapter``;
@@ -43,6 +44,7 @@ from rlhf_lightning.models import (
     check_finite_weights,
     count_parameters,
     has_lora,
+    holds_shards,
     load_causal_lm,
     load_tokenizer,
     merged_copy,
@@ -188,18 +190,23 @@ class RLHFSystem(ExactResume, L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefixes = self._reloaded_prefixes()
-        base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]
-        for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
-            del state[key]
+        # A sharded FSDP2 checkpoint is read back by torch.distributed.checkpoint, which asks
+        # for every weight of the system (Lightning passes it no way to skip any): it keeps them.
+        if not holds_shards(state):
+            prefixes = self._reloaded_prefixes()
+            base = self._reloaded_base_keys()
+            for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
+                del state[key]
         super().on_save_checkpoint(checkpoint)  # ExactResume: RNG streams, log positions
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if state is None:  # ModelParallelStrategy (FSDP2) has loaded the weights in place already
+            return
         frozen = tuple(f"{name}." for name in self._frozen)
         base = self._reloaded_base_keys()
-        state = checkpoint["state_dict"]
         missing = [
             k for k in self.state_dict() if not (frozen and k.startswith(frozen)) and k not in base and k not in state
         ]

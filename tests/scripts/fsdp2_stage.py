@@ -1,13 +1,19 @@
-"""Run SFT or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes and record each rank (tests/test_fsdp2.py).
+"""Run SFT or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
 
-    python tests/scripts/fsdp2_stage.py {sft,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp}
+    python tests/scripts/fsdp2_stage.py {sft,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
 
 Lightning's launcher starts the second rank by running this file again. Each rank writes
-``OUT_DIR/rank{r}.json``: its losses, how its policy is sharded, a checksum of the full
-(gathered) weights before and after training, and whether sampling with the sharded
-policy, rank-dependent lengths included, gives exactly what the gathered plain copy gives.
-The export goes to ``OUT_DIR/hf`` (``HFExport``) and rank 0 saves the trained weights to
-``OUT_DIR/weights.pt``; with ``ddp`` the same run under DDP gives the weights to compare with.
+``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights to
+``OUT_DIR/weights.pt``. PHASE:
+
+* ``whole`` (default): four steps; the json also holds how the policy is sharded, a
+  checksum of the full weights before and after training, and whether sampling with the
+  sharded policy, rank-dependent lengths included, gives exactly what the gathered plain
+  copy gives; the export goes to ``OUT_DIR/hf`` (``HFExport``). With ``ddp`` the same run
+  under DDP gives the weights to compare with;
+* ``cut``: a checkpoint after every step, stopped by an exception as the batch after step
+  ``KILL_AT`` starts (no weights saved);
+* ``resume``: the ``cut`` run resumed from ``OUT_DIR/ckpt/last.ckpt`` to step four.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -31,6 +38,7 @@ from rlhf_lightning.rl.rewards import RewardFunctionSpec
 from rlhf_lightning.systems.online_rl import OnlineRLModule
 from rlhf_lightning.systems.sft import SFTModule
 
+KILL_AT = 2  # cut: stopped after two of the four steps (GRPO: after the first iteration)
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 
@@ -72,7 +80,8 @@ def system(stage: str, model: str, tokenizer: str, data: str):
         kl_in_loss=True,
         kl_estimator="k3",
         init_kl_coef=0.04,
-        kl_target=None,
+        kl_target=0.01,  # adaptive: the coefficient moves every iteration (a resumed run must take it up)
+        kl_horizon=10,
         whiten_advantages=False,
         ppo_epochs=2,  # two updates per rollout: the rollout forward, then learning forwards and backwards
         missing_eos_penalty=None,
@@ -100,42 +109,76 @@ def sampling_matches(module, rank: int) -> bool:
     return torch.equal(sharded.response_ids, ref.response_ids)
 
 
-def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strategy: str) -> None:
+class Killed(RuntimeError):
+    """Stands for a SIGKILL: the run stops with nothing saved on the way out."""
+
+
+class Kill(L.Callback):
+    """Stop the run as the batch after optimizer step ``at_step`` starts (its checkpoint written),
+    each rank's losses so far written first (rank 0's exception ends rank 1's process)."""
+
+    def __init__(self, at_step: int, record: Record, out_dir: str):
+        self.at_step, self.record, self.out_dir = at_step, record, out_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps({"losses": self.record.losses}))
+            trainer.strategy.barrier()
+            raise Killed(f"killed at step {self.at_step}")
+
+
+def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strategy: str, phase: str = "whole") -> None:
     L.seed_everything(0)
     module, dm, key = system(stage, model, tokenizer, data)
     record = Record(key)
+    ckpt_dir = Path(out_dir, "ckpt")
+    if phase == "whole":
+        callbacks = [record, HFExport(str(Path(out_dir, "hf")))]
+    else:  # a checkpoint after every step, as ``cut`` leaves it and ``resume`` starts from it
+        callbacks = [record, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=1)]
+    if phase == "cut":
+        callbacks.append(Kill(KILL_AT, record, out_dir))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp",
         max_steps=4,  # GRPO: two iterations of two updates
-        callbacks=[record, HFExport(str(Path(out_dir, "hf")))],
+        callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=phase != "whole",
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=out_dir,
     )
-    trainer.fit(module, datamodule=dm)
-    weights = [p for p in module.policy.parameters()]
-    out = {
-        "world_size": trainer.world_size,
-        "losses": record.losses,
-        "sharded": all(isinstance(p, DTensor) for p in weights),
-        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
-        "full_numel": sum(p.numel() for p in weights),
-        "before": record.before,
-        "after": checksum(module.policy),
-        "sampling_matches": sampling_matches(module, trainer.global_rank),
-    }
+    if phase == "cut":
+        try:
+            trainer.fit(module, datamodule=dm)
+        except Killed:
+            pass
+        return
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if phase == "resume" else None)
     full = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))  # every rank
-    if trainer.global_rank == 0:  # the export holds the gathered weights, exactly
+    if trainer.global_rank == 0:
         torch.save(full, Path(out_dir, "weights.pt"))
-        exported = AutoModelForCausalLM.from_pretrained(str(Path(out_dir, "hf"))).state_dict()
-        out["export_equal"] = sorted(full) == sorted(exported) and all(torch.equal(full[k], exported[k]) for k in full)
+    out = {"losses": record.losses}
+    if phase == "whole":
+        weights = [p for p in module.policy.parameters()]
+        out |= {
+            "world_size": trainer.world_size,
+            "sharded": all(isinstance(p, DTensor) for p in weights),
+            "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
+            "full_numel": sum(p.numel() for p in weights),
+            "before": record.before,
+            "after": checksum(module.policy),
+            "sampling_matches": sampling_matches(module, trainer.global_rank),
+        }
+        if trainer.global_rank == 0:  # the export holds the gathered weights, exactly
+            exported = AutoModelForCausalLM.from_pretrained(str(Path(out_dir, "hf"))).state_dict()
+            same = sorted(full) == sorted(exported) and all(torch.equal(full[k], exported[k]) for k in full)
+            out["export_equal"] = same
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:7])
+    main(*sys.argv[1:8])
