@@ -1,4 +1,4 @@
-"""SFT and GRPO under FSDP2 (ModelParallelStrategy, ``fully_shard``) on 2 CPU processes with gloo.
+"""SFT, DPO and GRPO under FSDP2 (ModelParallelStrategy, ``fully_shard``) on 2 CPU processes with gloo.
 
 FSDP v1 refuses the CPU; FSDP2 runs on it, so sharding, sampling with sharded weights,
 the gathered export, the update itself (equal to DDP's) and the exact resume from a
@@ -22,6 +22,7 @@ from tests.test_online_rl import policy_export  # noqa: F401  (fixture)
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_stage.py"
 PROMPTS = [f"{start} {end}" for start in ("The movie was", "I hated this film") for end in "abcd"]
+WORDS = ["great", "bad", "fine", "slow", "lovely", "dull"]
 
 
 class Stage:
@@ -59,6 +60,16 @@ def sft(tokenizer_dir, tmp_path_factory) -> Stage:
     data.write_text("".join(json.dumps({"prompt": f"The movie {i} was", "response": " fine." * (1 + i % 4)}) + "\n"
                             for i in range(32)))  # fmt: skip
     return Stage("sft", "", tokenizer_dir, data, root)
+
+
+@pytest.fixture(scope="module")
+def dpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp2_dpo")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
+                                        "rejected": f" {WORDS[(i + 2) % 6]} plot."}) + "\n"
+                            for i in range(16)))  # fmt: skip
+    return Stage("dpo", policy_export["sft"], policy_export["tokenizer"], data, root)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +131,18 @@ def test_sft_under_fsdp2_resumes_exactly(sft):
 
 
 @pytest.mark.slow
+def test_dpo_under_fsdp2_matches_ddp(dpo):
+    """The policy sharded, the reference a frozen copy of the export, whole on every rank."""
+    check_matches_ddp(dpo)
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_resumes_exactly(dpo):
+    """The checkpoint keeps the reference's weights: torch.distributed.checkpoint asks for all of them."""
+    check_resumes_exactly(dpo)
+
+
+@pytest.mark.slow
 def test_grpo_under_fsdp2_matches_ddp(grpo):
     """Sampling, rollout log-probs and two updates per rollout (several forwards of the sharded
     policy in one manual-optimisation step: what FSDP v1 refused on a GPU)."""
@@ -151,3 +174,13 @@ def test_fsdp2_refuses_what_it_would_not_synchronise(tokenizer_dir):
     with pytest.raises(NotImplementedError, match=r"cannot shard head \(Linear\)"):
         module.shard_trainable(fake_mesh(2, 1))
     assert not any(type(m).__name__.startswith("FSDP") for m in module.modules())
+
+
+def test_dpo_under_fsdp2_refuses_a_precomputed_reference(tokenizer_dir):
+    from rlhf_lightning.systems.dpo import DPOModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    module = DPOModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer=tokenizer_dir, precompute_ref_logps=True)
+    module.build_models()
+    with pytest.raises(NotImplementedError, match="precompute_ref_logps=false"):
+        module.shard_trainable(fake_mesh(2, 1))

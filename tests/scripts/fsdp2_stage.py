@@ -1,6 +1,6 @@
-"""Run SFT or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
+"""Run SFT, DPO or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
 
-    python tests/scripts/fsdp2_stage.py {sft,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
+    python tests/scripts/fsdp2_stage.py {sft,dpo,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
 
 Lightning's launcher starts the second rank by running this file again. Each rank writes
 ``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights to
@@ -31,10 +31,11 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from rlhf_lightning.callbacks import HFExport
-from rlhf_lightning.data.datamodules import PromptDataModule, SFTDataModule
+from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.generation import SamplingConfig, sample_responses
 from rlhf_lightning.models import gathered_copy
 from rlhf_lightning.rl.rewards import RewardFunctionSpec
+from rlhf_lightning.systems.dpo import DPOModule
 from rlhf_lightning.systems.online_rl import OnlineRLModule
 from rlhf_lightning.systems.sft import SFTModule
 
@@ -70,6 +71,10 @@ def system(stage: str, model: str, tokenizer: str, data: str):
     if stage == "sft":
         dm = SFTDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=4)
         return SFTModule(model_config=TINY, tokenizer=tokenizer), dm, "sft/loss"
+    if stage == "dpo":  # the reference: a frozen copy of the export, whole on every rank
+        dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
+        module = DPOModule(model=model, tokenizer=tokenizer, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        return module, dm, "dpo/loss"
     module = OnlineRLModule(
         model=model,
         tokenizer=tokenizer,
