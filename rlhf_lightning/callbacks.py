@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rlhf_lightning.loggers import samples_file
+from rlhf_lightning.models.sharding import gathered_copy
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class HFExport(L.Callback):
             )
             return
         trainer.strategy.barrier()
+        # A sharded model (FSDP2) is gathered by every rank; rank 0 gets the full copy to write.
+        model = gathered_copy(pl_module.export_model())
         if trainer.is_global_zero:
-            path = pl_module.export_hf(self.export_path(trainer))
+            path = pl_module.export_hf(self.export_path(trainer), model)
             log.info("exported %s to %s", type(pl_module).__name__, path)
         trainer.strategy.barrier()
 

@@ -1,4 +1,4 @@
-"""The GPU check: SFT, reward, DPO and online RL for a few steps on a ~0.5B model, bf16, LoRA, FSDP.
+"""The GPU check: SFT, reward, DPO and online RL for a few steps on a ~0.5B model, bf16, LoRA, FSDP2.
 
     python scripts/gpu_check.py prepare --root /tmp/gpu_check        # data + a random Qwen2-0.5B-shaped model
     python scripts/gpu_check.py run --root /tmp/gpu_check --check sft_bf16 [--json out.json]
@@ -6,13 +6,14 @@
 
 The model has Qwen2-0.5B's shape (24 layers, d 896, 14 heads / 2 KV heads, MLP 4864,
 tied embeddings) with random weights and the demo tokenizer's small vocabulary (nothing is
-downloaded), so ~0.36B parameters. Each check runs a Lightning Trainer on one GPU and
-prints one JSON line: step time (median after warm-up), tokens/s and samples/s, peak GPU
-memory, and MFU against the GPU's dense bf16 peak. The FLOPs counted are those the step
-must do: ``2N`` per token and forward pass, ``4N`` per token for a full backward (``2N``
-with LoRA: no weight gradients for the frozen base), plus attention
-``4 * layers * d * context`` per forward token (x3 with a backward); ``N`` counts the
-weights of every linear layer, the output head included. Generation is reported as
+downloaded), so ~0.36B parameters. Each check runs a Lightning Trainer on one GPU (the
+``*_fsdp2_*`` checks under FSDP2: ``ModelParallelStrategy``, data parallel over the devices,
+here one: the sharded code paths, not a speed-up) and prints one JSON line: step time
+(median after warm-up), tokens/s and samples/s, peak GPU memory, and MFU against the GPU's
+dense bf16 peak. The FLOPs counted are those the step must do: ``2N`` per token and forward
+pass, ``4N`` per token for a full backward (``2N`` with LoRA: no weight gradients for the
+frozen base), plus attention ``4 * layers * d * context`` per forward token (x3 with a
+backward); ``N`` counts the weights of every linear layer, the output head included. Generation is reported as
 tokens/s, not in the MFU.
 """
 
@@ -131,15 +132,16 @@ class Meter:
 def trainer_for(check: str, steps: int, meter: Meter, precision: str):
     import lightning as L
 
-    strategy = "auto"
+    strategy, devices = "auto", 1
     if "fsdp" in check:
-        from lightning.pytorch.strategies import FSDPStrategy
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+        # FSDP2: the system's configure_model shards the trained model (models/sharding.py).
+        # Lightning's FSDPStrategy (FSDP v1) fails online RL (several policy forwards a step).
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = FSDPStrategy(auto_wrap_policy={Qwen2DecoderLayer}, sharding_strategy="FULL_SHARD")
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     return L.Trainer(
         accelerator="gpu" if SYNC else "cpu",
-        devices=1,
+        devices=devices,
         strategy=strategy,
         precision=precision,
         max_steps=steps,

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from rlhf_lightning.generation.decode import decode_loop, draw_tokens, warp_logits  # noqa: F401 (public names)
+from rlhf_lightning.models.sharding import full_parameters
 
 ENGINES = ("auto", "hf")
 
@@ -118,11 +119,14 @@ def sample_responses(
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
     if attention_mask[:, -1].min() == 0:
         raise ValueError("prompts must be left-padded for generation (found padding at the end)")
-    engine = hf_generate if fast_loop_unsupported(model, cfg) else decode_loop
     was_training = model.training
     model.eval()
     try:
-        response = engine(model, input_ids, attention_mask, eos_token_id, pad_token_id, cfg)  # (B, A)
+        # FSDP2: every rank gathers the full weights once, so decoding (which stops when this
+        # rank's rows end) runs no collective; a model that is not sharded is left as it is.
+        with full_parameters(model):
+            engine = hf_generate if fast_loop_unsupported(model, cfg) else decode_loop
+            response = engine(model, input_ids, attention_mask, eos_token_id, pad_token_id, cfg)  # (B, A)
     except RuntimeError as err:
         if "probability tensor contains" not in str(err):
             raise
@@ -189,8 +193,9 @@ def fast_loop_unsupported(model: nn.Module, cfg: SamplingConfig) -> str | None:
     """Why :func:`decode_loop` cannot sample for ``model`` and ``cfg``; ``None`` when it can.
 
     The loop needs a decoder-only ``transformers`` model whose forward takes an attention
-    mask, position ids and a ``Cache``, unsharded parameters (under FSDP or ZeRO-3 every
-    rank must run the same number of forwards, which ``generate`` synchronises), and no
+    mask, position ids and a ``Cache``, unsharded parameters (under FSDP v1 or ZeRO-3 every
+    rank must run the same number of forwards, which ``generate`` synchronises; FSDP2
+    weights are gathered by :func:`sample_responses` first), and no
     logits processing beyond temperature / top-k / top-p / ``min_new_tokens`` (a
     ``generation_config`` asking for, say, a repetition penalty goes to ``generate``).
     """

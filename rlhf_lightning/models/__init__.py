@@ -36,6 +36,7 @@ from rlhf_lightning.models.reward import (
     init_score_head,
     load_reward_model,
 )
+from rlhf_lightning.models.sharding import full_parameters, gathered_copy, holds_shards, is_sharded, shard
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -57,7 +58,11 @@ __all__ = [
     "check_finite_weights",
     "disable_dropout",
     "freeze",
+    "full_parameters",
+    "gathered_copy",
+    "holds_shards",
     "init_score_head",
+    "is_sharded",
     "last_token_index",
     "load_causal_lm",
     "load_reward_model",
@@ -68,4 +73,5 @@ __all__ = [
     "resize_for_tokenizer",
     "response_logprobs",
     "save_hf",
+    "shard",
 ]

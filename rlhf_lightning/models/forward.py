@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
+from rlhf_lightning.models.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ def _split_head(model: nn.Module) -> LinearHead | None:
     except (AttributeError, NotImplementedError, ValueError):
         return None
     # An adapter or a sharding wrapper around the head is not a plain nn.Linear: keep the plain path.
-    if decoder is None or decoder is model or type(head) is not nn.Linear:
+    # Under FSDP2 the head is a plain nn.Linear, but only the model's own forward gathers its
+    # weights (and the embeddings' and final norm's): calling the decoder and head apart would not.
+    if is_sharded(model) or decoder is None or decoder is model or type(head) is not nn.Linear:
         return None
     if head.weight.shape != (head.out_features, head.in_features):  # partitioned (ZeRO-3) weight
         return None

@@ -12,7 +12,8 @@ its models in :meth:`RLHFSystem.build_models`. The base then takes care of:
   (:meth:`PolicySystem.reference`): no second copy of the weights;
 * **frozen models** (reference, reward model), registered with :meth:`add_frozen`: eval
   mode whatever Lightning asks of the system, no gradients, never in an optimizer, and
-  left out of checkpoints when they can be reloaded from their export;
+  left out of checkpoints when they can be reloaded from their export (except sharded
+  FSDP2 checkpoints, whose loader asks for every weight);
 * **optimizers**: the injected optimizer and scheduler over :meth:`param_groups`;
 * **export**: ``save_pretrained`` of :meth:`export_model` with the tokenizer; with LoRA the
   adapter is merged into the exported weights unless ``lora.export`` is ``adapter``;
@@ -34,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel
 
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
 from rlhf_lightning.models import (
@@ -42,6 +44,7 @@ from rlhf_lightning.models import (
     check_finite_weights,
     count_parameters,
     has_lora,
+    holds_shards,
     load_causal_lm,
     load_tokenizer,
     merged_copy,
@@ -49,6 +52,7 @@ from rlhf_lightning.models import (
     prepare_trainable,
     save_adapter,
     save_hf,
+    shard,
 )
 from rlhf_lightning.optim import build_optimization
 from rlhf_lightning.resume import ExactResume
@@ -81,11 +85,40 @@ class RLHFSystem(ExactResume, L.LightningModule):
         if not self._models_built:
             self.build_models()
             self._models_built = True
+            if self.device_mesh is not None:  # ModelParallelStrategy
+                self.shard_trainable(self.device_mesh)
             self.trainable_params = self._count_trainable()
             n, total = self.trainable_params
             rank_zero_info(
                 f"{type(self).__name__}: trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.2f}%)"
             )
+
+    def shard_trainable(self, mesh) -> None:
+        """FSDP2: shard every trainable model over the data-parallel ranks (``models/sharding.py``).
+
+        Frozen models stay whole on every rank: they only run forwards (sharding them too is
+        the next step for models that do not fit a device). A trainable model must be a
+        ``transformers`` model called through its forward, which is where FSDP2 gathers its
+        weights: the reward model's and critics' wrappers are not yet, so they fail here
+        rather than train unsynchronised on each rank.
+        """
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "only data parallelism (FSDP2) is implemented: use "
+                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)"
+            )
+        if self.lora is not None:  # exports and references of a sharded adapter are not written yet
+            raise NotImplementedError("LoRA under ModelParallelStrategy (FSDP2) is not supported yet")
+        trainable = {
+            name: child
+            for name, child in self.named_children()
+            if name not in self._frozen and any(p.requires_grad for p in child.parameters())
+        }
+        for name, child in trainable.items():
+            if not isinstance(child, PreTrainedModel):
+                raise NotImplementedError(f"FSDP2 cannot shard {name} ({type(child).__name__}) yet")
+        for child in trainable.values():
+            shard(child, mesh["data_parallel"])
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -157,18 +190,23 @@ class RLHFSystem(ExactResume, L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefixes = self._reloaded_prefixes()
-        base = self._reloaded_base_keys()
         state = checkpoint["state_dict"]
-        for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
-            del state[key]
+        # A sharded FSDP2 checkpoint is read back by torch.distributed.checkpoint, which asks
+        # for every weight of the system (Lightning passes it no way to skip any): it keeps them.
+        if not holds_shards(state):
+            prefixes = self._reloaded_prefixes()
+            base = self._reloaded_base_keys()
+            for key in [k for k in state if (prefixes and k.startswith(prefixes)) or k in base]:
+                del state[key]
         super().on_save_checkpoint(checkpoint)  # ExactResume: RNG streams, log positions
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if state is None:  # ModelParallelStrategy (FSDP2) has loaded the weights in place already
+            return
         frozen = tuple(f"{name}." for name in self._frozen)
         base = self._reloaded_base_keys()
-        state = checkpoint["state_dict"]
         missing = [
             k for k in self.state_dict() if not (frozen and k.startswith(frozen)) and k not in base and k not in state
         ]
@@ -180,14 +218,15 @@ class RLHFSystem(ExactResume, L.LightningModule):
         """The ``PreTrainedModel`` the next stage loads."""
         raise NotImplementedError(f"{type(self).__name__} must implement export_model")
 
-    def export_hf(self, path: str | Path) -> Path:
+    def export_hf(self, path: str | Path, model: torch.nn.Module | None = None) -> Path:
         """``save_pretrained`` the exported model and the tokenizer (the hand-off to the next stage).
 
         With LoRA: merged weights (a plain model: the next stage's base and reference is
         this one), or the adapter alone on top of this stage's ``model`` when ``lora.export``
-        is ``adapter``.
+        is ``adapter``. ``model``: what to export instead of :meth:`export_model` (the full copy
+        of a sharded model, ``models.gathered_copy``).
         """
-        model = self.export_model()
+        model = self.export_model() if model is None else model
         check_finite_weights(model, f"{type(self).__name__} to {path}")
         if self.lora is not None and self.lora.export == "adapter":
             path = save_adapter(model, path, self.hparams.get("model"))

@@ -1,0 +1,123 @@
+"""Fully sharded data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` hands
+each system a device mesh; :meth:`RLHFSystem.configure_model` then shards every trainable
+model with :func:`shard` (frozen models stay whole on every rank). FSDP2 runs on CUDA
+with NCCL and on the CPU with gloo, so the same code is tested on two CPU processes.
+
+Two things need every rank at once, because they all-gather:
+
+* **sampling** (:func:`full_parameters`): the decode loop's forwards must not each gather
+  the weights, since ranks stop at different steps (their rows end with EOS at different
+  times) and a forward that one rank runs alone waits forever. The weights are gathered
+  once before decoding and freed after it, so decoding runs without collectives;
+* **export** (:func:`gathered_copy`): the full state dict is gathered on rank 0, which
+  writes the ``save_pretrained`` directory from a plain copy.
+
+Checkpoints are Lightning's: a directory in which each rank writes its shards
+(``torch.distributed.checkpoint``), read back in place on resume. That reader asks for
+every weight of the system, so a checkpoint that :func:`holds_shards` keeps the frozen
+reference, which the other checkpoints leave to be reloaded from its export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2-managed modules of ``model`` in module order (the same on every rank)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or a part of it) is managed by FSDP2."""
+    return bool(fsdp_modules(model))
+
+
+def holds_shards(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict holds FSDP2 shards (``DTensor``), as a sharded checkpoint's does."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in state.values())
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    """``fully_shard`` each transformer block of ``model`` (``_no_split_modules``), then the whole.
+
+    One all-gather per block keeps the peak memory of a forward at about one block's full
+    weights; the root group holds the rest (embeddings, a tied LM head, the final norm,
+    score heads). ``mesh``: a 1-D device mesh of the data-parallel ranks.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set()
+    for m in model.modules():
+        blocks.update(getattr(m, "_no_split_modules", None) or ())
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Every rank holds ``model``'s full weights inside; a no-op for a model that is not sharded.
+
+    A collective: every rank enters together. Inside, forwards run no collective at all,
+    so ranks may run different numbers of them (sampling until their own rows end).
+    Reshard-after-forward goes back to :func:`shard`'s setting (blocks on, root off).
+    """
+    modules = fsdp_modules(model)
+    if not modules:
+        yield model
+        return
+    for m in modules:
+        m.unshard()
+    modules[0].set_reshard_after_forward(False)  # modules[0] is the root: recursive
+    try:
+        yield model
+    finally:
+        modules[0].set_reshard_after_forward(True)
+        modules[0].set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+        for m in modules:
+            m.reshard()
+
+
+def gathered_copy(model: nn.Module) -> nn.Module | None:
+    """``model`` itself when it is not sharded; else a plain copy with the full weights on rank 0
+    and None on the other ranks (a collective: every rank calls it).
+
+    The copy is the model's own ``transformers`` class, built without initialising weights and
+    given the gathered tensors (on the CPU, in their training dtype).
+    """
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.initialization import no_init_weights
+
+    if not isinstance(model, FSDPModule):
+        raise ValueError(f"{type(model).__name__} is partly sharded: export the model that shard() was given")
+
+    # Only rank 0 receives the tensors (cpu_offload), one at a time.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    cls = next(b for b in type(model).__bases__ if not issubclass(b, FSDPModule))  # fully_shard's FSDP<cls>
+    with no_init_weights():
+        plain = cls(model.config)
+    plain.load_state_dict(state, assign=True)
+    if hasattr(plain, "tie_weights"):  # assign replaced the shared tensor by two copies
+        plain.tie_weights()
+    return plain.train(model.training)

@@ -1,0 +1,189 @@
+"""Run SFT, DPO or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
+
+    python tests/scripts/fsdp2_stage.py {sft,dpo,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
+
+Lightning's launcher starts the second rank by running this file again. Each rank writes
+``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights to
+``OUT_DIR/weights.pt``. PHASE:
+
+* ``whole`` (default): four steps; the json also holds how the policy is sharded, a
+  checksum of the full weights before and after training, and whether sampling with the
+  sharded policy, rank-dependent lengths included, gives exactly what the gathered plain
+  copy gives; the export goes to ``OUT_DIR/hf`` (``HFExport``). With ``ddp`` the same run
+  under DDP gives the weights to compare with;
+* ``cut``: a checkpoint after every step, stopped by an exception as the batch after step
+  ``KILL_AT`` starts (no weights saved);
+* ``resume``: the ``cut`` run resumed from ``OUT_DIR/ckpt/last.ckpt`` to step four.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+
+from rlhf_lightning.callbacks import HFExport
+from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
+from rlhf_lightning.generation import SamplingConfig, sample_responses
+from rlhf_lightning.models import gathered_copy
+from rlhf_lightning.rl.rewards import RewardFunctionSpec
+from rlhf_lightning.systems.dpo import DPOModule
+from rlhf_lightning.systems.online_rl import OnlineRLModule
+from rlhf_lightning.systems.sft import SFTModule
+
+KILL_AT = 2  # cut: stopped after two of the four steps (GRPO: after the first iteration)
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+
+
+def length_reward(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+def checksum(policy: torch.nn.Module) -> float:
+    """Sum of the full weights, gathered on every rank (a collective)."""
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    return sum(float(v.double().sum()) for v in full.values())
+
+
+class Record(L.Callback):
+    """Each step's loss as this rank computed it, and the weights before training."""
+
+    def __init__(self, key: str):
+        self.key, self.losses, self.before = key, [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.before = checksum(pl_module.policy)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics[self.key]))
+
+
+def system(stage: str, model: str, tokenizer: str, data: str):
+    if stage == "sft":
+        dm = SFTDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=4)
+        return SFTModule(model_config=TINY, tokenizer=tokenizer), dm, "sft/loss"
+    if stage == "dpo":  # the reference: a frozen copy of the export, whole on every rank
+        dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
+        module = DPOModule(model=model, tokenizer=tokenizer, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        return module, dm, "dpo/loss"
+    module = OnlineRLModule(
+        model=model,
+        tokenizer=tokenizer,
+        reward_functions=[RewardFunctionSpec(f"{__name__}:length_reward")],
+        stage="grpo",
+        estimator="grpo",
+        num_samples=4,
+        kl_in_loss=True,
+        kl_estimator="k3",
+        init_kl_coef=0.04,
+        kl_target=0.01,  # adaptive: the coefficient moves every iteration (a resumed run must take it up)
+        kl_horizon=10,
+        whiten_advantages=False,
+        ppo_epochs=2,  # two updates per rollout: the rollout forward, then learning forwards and backwards
+        missing_eos_penalty=None,
+        sampling=SamplingConfig(max_new_tokens=6),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    dm = PromptDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2, max_prompt_length=16)
+    return module, dm, "grpo/policy_loss"
+
+
+def sampling_matches(module, rank: int) -> bool:
+    """Sample with the sharded policy (ranks ask for different lengths, so they run different
+    numbers of forwards) and with the gathered plain copy on rank 0, from the same seed."""
+    tok = module.tokenizer
+    batch = tok(["The movie was", "I hated this"], return_tensors="pt", padding=True, padding_side="left")
+    cfg = SamplingConfig(max_new_tokens=3 + 5 * rank)
+    torch.manual_seed(123)
+    sharded = sample_responses(module.policy, batch["input_ids"], batch["attention_mask"], tok.eos_token_id,
+                               tok.pad_token_id, cfg)  # fmt: skip
+    plain = gathered_copy(module.policy)
+    if plain is None:
+        return True
+    torch.manual_seed(123)
+    ref = sample_responses(plain, batch["input_ids"], batch["attention_mask"], tok.eos_token_id, tok.pad_token_id, cfg)
+    return torch.equal(sharded.response_ids, ref.response_ids)
+
+
+class Killed(RuntimeError):
+    """Stands for a SIGKILL: the run stops with nothing saved on the way out."""
+
+
+class Kill(L.Callback):
+    """Stop the run as the batch after optimizer step ``at_step`` starts (its checkpoint written),
+    each rank's losses so far written first (rank 0's exception ends rank 1's process)."""
+
+    def __init__(self, at_step: int, record: Record, out_dir: str):
+        self.at_step, self.record, self.out_dir = at_step, record, out_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps({"losses": self.record.losses}))
+            trainer.strategy.barrier()
+            raise Killed(f"killed at step {self.at_step}")
+
+
+def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strategy: str, phase: str = "whole") -> None:
+    L.seed_everything(0)
+    module, dm, key = system(stage, model, tokenizer, data)
+    record = Record(key)
+    ckpt_dir = Path(out_dir, "ckpt")
+    if phase == "whole":
+        callbacks = [record, HFExport(str(Path(out_dir, "hf")))]
+    else:  # a checkpoint after every step, as ``cut`` leaves it and ``resume`` starts from it
+        callbacks = [record, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=1)]
+    if phase == "cut":
+        callbacks.append(Kill(KILL_AT, record, out_dir))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp",
+        max_steps=4,  # GRPO: two iterations of two updates
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=phase != "whole",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=out_dir,
+    )
+    if phase == "cut":
+        try:
+            trainer.fit(module, datamodule=dm)
+        except Killed:
+            pass
+        return
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if phase == "resume" else None)
+    full = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))  # every rank
+    if trainer.global_rank == 0:
+        torch.save(full, Path(out_dir, "weights.pt"))
+    out = {"losses": record.losses}
+    if phase == "whole":
+        weights = [p for p in module.policy.parameters()]
+        out |= {
+            "world_size": trainer.world_size,
+            "sharded": all(isinstance(p, DTensor) for p in weights),
+            "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
+            "full_numel": sum(p.numel() for p in weights),
+            "before": record.before,
+            "after": checksum(module.policy),
+            "sampling_matches": sampling_matches(module, trainer.global_rank),
+        }
+        if trainer.global_rank == 0:  # the export holds the gathered weights, exactly
+            exported = AutoModelForCausalLM.from_pretrained(str(Path(out_dir, "hf"))).state_dict()
+            same = sorted(full) == sorted(exported) and all(torch.equal(full[k], exported[k]) for k in full)
+            out["export_equal"] = same
+    Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:8])

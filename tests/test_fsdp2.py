@@ -1,0 +1,186 @@
+"""SFT, DPO and GRPO under FSDP2 (ModelParallelStrategy, ``fully_shard``) on 2 CPU processes with gloo.
+
+FSDP v1 refuses the CPU; FSDP2 runs on it, so sharding, sampling with sharded weights,
+the gathered export, the update itself (equal to DDP's) and the exact resume from a
+sharded checkpoint are checked here. Each stage's uninterrupted run is shared by its tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.test_online_rl import policy_export  # noqa: F401  (fixture)
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_stage.py"
+PROMPTS = [f"{start} {end}" for start in ("The movie was", "I hated this film") for end in "abcd"]
+WORDS = ["great", "bad", "fine", "slow", "lovely", "dull"]
+
+
+class Stage:
+    """A stage run by ``scripts/fsdp2_stage.py`` on 2 processes, its runs in ``root``."""
+
+    def __init__(self, name: str, model: str, tokenizer: str, data: Path, root: Path):
+        self.name, self.model, self.tokenizer, self.data, self.root = name, model, tokenizer, data, root
+        self._whole = None
+
+    def run(self, out: str, strategy: str = "fsdp2", phase: str = "whole") -> list[dict]:
+        """Each rank's record of a run in ``root/out`` (``phase``: see the script)."""
+        out_dir = self.root / out
+        out_dir.mkdir(exist_ok=True)  # resume: where the cut run left its checkpoints
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, str(SCRIPT), self.name, self.model, self.tokenizer, str(self.data), str(out_dir)]
+        proc = subprocess.run([*cmd, strategy, phase], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+    def weights(self, out: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.root / out / "weights.pt")
+
+    @property
+    def whole(self) -> list[dict]:
+        """The uninterrupted FSDP2 run (four steps), run once for the tests that compare with it."""
+        if self._whole is None:
+            self._whole = self.run("fsdp2")
+        return self._whole
+
+
+@pytest.fixture(scope="module")
+def sft(tokenizer_dir, tmp_path_factory) -> Stage:
+    root = tmp_path_factory.mktemp("fsdp2_sft")
+    data = root / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"The movie {i} was", "response": " fine." * (1 + i % 4)}) + "\n"
+                            for i in range(32)))  # fmt: skip
+    return Stage("sft", "", tokenizer_dir, data, root)
+
+
+@pytest.fixture(scope="module")
+def dpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp2_dpo")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
+                                        "rejected": f" {WORDS[(i + 2) % 6]} plot."}) + "\n"
+                            for i in range(16)))  # fmt: skip
+    return Stage("dpo", policy_export["sft"], policy_export["tokenizer"], data, root)
+
+
+@pytest.fixture(scope="module")
+def grpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp2_grpo")
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return Stage("grpo", policy_export["sft"], policy_export["tokenizer"], data, root)
+
+
+def check_matches_ddp(stage: Stage) -> None:
+    ranks = stage.whole
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["losses"] and all(math.isfinite(x) for x in r["losses"])
+        assert r["sharded"] and r["local_numel"] < r["full_numel"]
+        assert r["sampling_matches"]  # ranks sampled 3 and 8 tokens: no hang, the plain copy's tokens
+    assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"]  # each weight split across the ranks
+    # One model: the gathered weights are the same on both ranks, and training moved them.
+    assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
+    assert ranks[0]["export_equal"]  # the export is the gathered weights, exactly
+    # The update is DDP's: with 2 ranks the mean of two gradients rounds the same either way.
+    stage.run("ddp", "ddp")
+    sharded, ddp = stage.weights("fsdp2"), stage.weights("ddp")
+    assert sharded.keys() == ddp.keys() and all(torch.equal(sharded[k], ddp[k]) for k in ddp)
+    # Plain transformers loads the export (no rlhf_lightning, no process group).
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(stage.root / "fsdp2" / "hf")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in sharded.items())
+    assert torch.isfinite(exported(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def check_resumes_exactly(stage: Stage) -> None:
+    """Stopped after two of four steps (mid-epoch) and resumed from ``last.ckpt``, a sharded checkpoint:
+    each rank's losses and the final weights are the uninterrupted run's, bit for bit (RNG streams,
+    data position, Adam moments and, for GRPO, the adaptive KL coefficient all taken up)."""
+    whole = stage.whole
+    cut = stage.run("cut", phase="cut")
+    ckpt = stage.root / "cut" / "ckpt" / "last.ckpt"
+    assert sorted(f.name for f in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard file a rank
+    resumed = stage.run("cut", phase="resume")
+    for w, c, r in zip(whole, cut, resumed, strict=True):  # each rank
+        k = len(c["losses"])
+        assert 0 < k < len(w["losses"]) and c["losses"] == w["losses"][:k] and r["losses"] == w["losses"][k:]
+    uninterrupted, continued = stage.weights("fsdp2"), stage.weights("cut")
+    assert uninterrupted.keys() == continued.keys()
+    assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2_matches_ddp(sft):
+    check_matches_ddp(sft)
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2_resumes_exactly(sft):
+    check_resumes_exactly(sft)
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_matches_ddp(dpo):
+    """The policy sharded, the reference a frozen copy of the export, whole on every rank."""
+    check_matches_ddp(dpo)
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_resumes_exactly(dpo):
+    """The checkpoint keeps the reference's weights: torch.distributed.checkpoint asks for all of them."""
+    check_resumes_exactly(dpo)
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp2_matches_ddp(grpo):
+    """Sampling, rollout log-probs and two updates per rollout (several forwards of the sharded
+    policy in one manual-optimisation step: what FSDP v1 refused on a GPU)."""
+    check_matches_ddp(grpo)
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp2_resumes_exactly(grpo):
+    check_resumes_exactly(grpo)
+
+
+def fake_mesh(data_parallel: int, tensor_parallel: int) -> dict:
+    """``mesh[dim].size()`` as ModelParallelStrategy's device mesh answers it."""
+    return {"data_parallel": SimpleNamespace(size=lambda: data_parallel),
+            "tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel)}  # fmt: skip
+
+
+def test_fsdp2_refuses_what_it_would_not_synchronise(tokenizer_dir):
+    from rlhf_lightning.systems.sft import SFTModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    module = SFTModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer=tokenizer_dir)
+    module.build_models()
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        module.shard_trainable(fake_mesh(1, 2))
+    # A trainable model that is not called through a transformers forward would stay whole
+    # on each rank with nothing averaging its gradients: refused before anything is sharded.
+    module.head = torch.nn.Linear(2, 2)
+    with pytest.raises(NotImplementedError, match=r"cannot shard head \(Linear\)"):
+        module.shard_trainable(fake_mesh(2, 1))
+    assert not any(type(m).__name__.startswith("FSDP") for m in module.modules())
+
+
+def test_dpo_under_fsdp2_refuses_a_precomputed_reference(tokenizer_dir):
+    from rlhf_lightning.systems.dpo import DPOModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    module = DPOModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer=tokenizer_dir, precompute_ref_logps=True)
+    module.build_models()
+    with pytest.raises(NotImplementedError, match="precompute_ref_logps=false"):
+        module.shard_trainable(fake_mesh(2, 1))
