@@ -137,6 +137,21 @@ def test_dpo_under_fsdp2_matches_ddp(dpo):
 
 
 @pytest.mark.slow
+def test_dpo_precomputed_reference_under_ddp(dpo):
+    """Each rank scores its share of the pairs with the reference and the ranks exchange them: the
+    cache covers every pair on both ranks (it used to hold one rank's share and fail), and training
+    from it gives the weights of DPO with the reference run on every batch."""
+    cached = Stage("dpo_cached", dpo.model, dpo.tokenizer, dpo.data, dpo.root)
+    ranks = cached.run("ddp_cached", "ddp")
+    assert all(r["losses"] and all(math.isfinite(x) for x in r["losses"]) for r in ranks)
+    if not (dpo.root / "ddp" / "weights.pt").exists():
+        dpo.run("ddp", "ddp")
+    live, precomputed = dpo.weights("ddp"), cached.weights("ddp_cached")
+    assert live.keys() == precomputed.keys()
+    assert all(torch.allclose(live[k], precomputed[k], rtol=0, atol=1e-6) for k in live)
+
+
+@pytest.mark.slow
 def test_dpo_under_fsdp2_resumes_exactly(dpo):
     """The checkpoint keeps the reference's weights: torch.distributed.checkpoint asks for all of them."""
     check_resumes_exactly(dpo)

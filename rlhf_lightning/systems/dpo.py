@@ -155,8 +155,10 @@ class DPOModule(PolicySystem):
         """Score every pair of each split with the reference once and keep ``(N, 2)`` log-probs.
 
         Batches must carry ``index`` (``PreferenceDataModule`` does): the cache is keyed by
-        it, so any order or batch size works. Under several ranks every rank scores the
-        whole set (simple; the reference pass is cheap next to training).
+        it, so any order or batch size works. Under several ranks each rank scores the share
+        of the set its loader deals it, and the ranks exchange their scores, so every rank
+        holds the whole cache (an index scored twice, as a padded share repeats one, keeps
+        one of its equal values).
         """
         if self.ref_policy is None and not self.reference_is_base:
             self._load_reference()
@@ -169,16 +171,21 @@ class DPOModule(PolicySystem):
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 with self.reference() as ref:
                     logps = sequence_logps(ref, batch, self.length_normalized, self.chunk_size)  # (2B,)
-                indices.append(batch["index"])
-                values.append(torch.stack(logps.chunk(2), dim=-1))  # (B, 2)
-            if not indices:
+                indices.append(batch["index"].cpu())
+                values.append(torch.stack(logps.chunk(2), dim=-1).float().cpu())  # (B, 2)
+            index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)  # (N,)
+            value = torch.cat(values) if values else torch.zeros(0, 2)  # (N, 2)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                shares = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(shares, (index, value))  # every rank, even with no batch
+                index, value = torch.cat([i for i, _ in shares]), torch.cat([v for _, v in shares])
+            if not len(index):
                 continue
-            index = torch.cat(indices)  # (N,)
-            cache = torch.full((int(index.max()) + 1, 2), float("nan"), device=self.device)
-            cache[index] = torch.cat(values)
+            cache = torch.full((int(index.max()) + 1, 2), float("nan"))
+            cache[index] = value
             if cache.isnan().any():
                 raise ValueError(f"{split}: indices are not 0..N-1; cannot cache reference log-probs")
-            self.ref_cache[split] = cache
+            self.ref_cache[split] = cache.to(self.device)
 
     def free_reference(self) -> None:
         """Drop the reference model (after caching its log-probs) to give back its memory."""

@@ -1,6 +1,7 @@
 """Run SFT, DPO or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
 
-    python tests/scripts/fsdp2_stage.py {sft,dpo,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
+    python tests/scripts/fsdp2_stage.py {sft,dpo,dpo_cached,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR \
+        {fsdp2,ddp} [PHASE]
 
 Lightning's launcher starts the second rank by running this file again. Each rank writes
 ``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights to
@@ -71,9 +72,14 @@ def system(stage: str, model: str, tokenizer: str, data: str):
     if stage == "sft":
         dm = SFTDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=4)
         return SFTModule(model_config=TINY, tokenizer=tokenizer), dm, "sft/loss"
-    if stage == "dpo":  # the reference: a frozen copy of the export, whole on every rank
+    if stage in ("dpo", "dpo_cached"):  # the reference: a frozen copy of the export, whole on every rank
         dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
-        module = DPOModule(model=model, tokenizer=tokenizer, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        module = DPOModule(
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+            precompute_ref_logps=stage == "dpo_cached",  # DDP only: FSDP2 refuses it
+        )
         return module, dm, "dpo/loss"
     module = OnlineRLModule(
         model=model,
