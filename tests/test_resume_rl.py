@@ -45,10 +45,10 @@ def make_data(exports):
     return build
 
 
-def test_ppo_killed_mid_run_resumes_exactly(exports, tmp_path):
-    # 10 prompts, 3 per rollout: 4 iterations an epoch; 2 PPO epochs x 2 minibatches = 4
-    # optimizer steps an iteration. Killed after iteration 2 (step 8), mid-epoch; the
-    # adaptive KL controller moves every iteration.
+def ppo(exports, **kw):
+    """A builder of the PPO system both PPO tests resume: 2 PPO epochs x 2 minibatches = 4
+    optimizer steps an iteration of 3 prompts."""
+
     def make_module():
         return OnlineRLModule(
             model=exports["sft"],
@@ -57,10 +57,16 @@ def test_ppo_killed_mid_run_resumes_exactly(exports, tmp_path):
             sampling=SamplingConfig(max_new_tokens=6),
             ppo_epochs=2,
             minibatch_size=2,
-            kl_target=0.01,
-            kl_horizon=10,
+            **kw,
         )
 
+    return make_module
+
+
+def test_ppo_killed_mid_run_resumes_exactly(exports, tmp_path):
+    # 10 prompts, 3 per rollout: 4 iterations an epoch. Killed after iteration 2 (step 8),
+    # mid-epoch; the adaptive KL controller moves every iteration.
+    make_module = ppo(exports, kl_target=0.01, kl_horizon=10)
     rows = kill_and_resume(make_module, make_data(exports), tmp_path, kill_at=8, max_epochs=1)
     kl = [m["ppo/kl_coef"] for _, m in rows if "ppo/kl_coef" in m]
     assert len(kl) == 4 and len(set(kl)) > 1
@@ -70,17 +76,7 @@ def test_ppo_killed_iterations_after_its_checkpoint_logs_every_sample_once(expor
     # A checkpoint every 2 iterations (8 optimizer steps), samples logged every iteration, killed
     # as iteration 4 starts: iteration 3's samples and metrics were logged after the last
     # checkpoint, and the resumed run logs them again; samples.jsonl is cut back at the resume.
-    def make_module():
-        return OnlineRLModule(
-            model=exports["sft"],
-            reward_model=exports["rm"],
-            tokenizer=exports["tokenizer"],
-            sampling=SamplingConfig(max_new_tokens=6),
-            ppo_epochs=2,
-            minibatch_size=2,
-            sample_log_every_n_steps=1,
-        )
-
+    make_module = ppo(exports, sample_log_every_n_steps=1)
     kill_and_resume(
         make_module, make_data(exports), tmp_path, kill_at=12, redone=1, max_epochs=1, ckpt={"every_n_train_steps": 8}
     )
