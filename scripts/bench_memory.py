@@ -3,6 +3,7 @@
   python scripts/bench_memory.py                       # CPU: memory at 128k vocab, then throughput at 4k
   python scripts/bench_memory.py --device cuda         # the same on a GPU
   python scripts/bench_memory.py --skip-throughput     # memory only
+  python scripts/bench_memory.py --tie-embeddings      # one embedding/head matrix (most small models)
 
 A learning step is what DPOModule and OnlineRLModule do per micro-batch: the policy's
 log-probs through ``models.response_logprobs`` (DPO: ``systems.dpo.sequence_logps`` on
@@ -48,9 +49,11 @@ from rlhf_lightning.systems.dpo import sequence_logps
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 
 
-def build(vocab: int, device: str, seed: int = 0) -> torch.nn.Module:
+def build(vocab: int, device: str, seed: int = 0, tie: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("llama", vocab_size=vocab, max_position_embeddings=1024, **MODEL)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=tie, **MODEL
+    )
     return disable_dropout(AutoModelForCausalLM.from_config(config).to(device).train())
 
 
@@ -91,11 +94,11 @@ def make_batches(task: str, vocab: int, args, device: str, seed: int = 0) -> dic
 
 def make_step(task: str, vocab: int, chunk: int | None, args, device: str):
     """Two closures: the learning pass (forward + backward) and the optimizer update."""
-    policy = build(vocab, device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    policy = build(vocab, device, tie=args.tie_embeddings)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=args.fused_adamw or None)
     batch = make_batches(task, vocab, args, device)
     if task == "dpo":
-        ref = freeze(build(vocab, device))
+        ref = freeze(build(vocab, device, tie=args.tie_embeddings))
         n = args.batch
 
         def learn() -> None:
@@ -200,6 +203,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tie-embeddings", action="store_true", help="one matrix for embeddings and head")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True): no parameter-sized temporaries")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
@@ -210,7 +215,8 @@ def main() -> None:
         print(json.dumps(measure_memory(*args.worker, args)))
         return
     tasks, variants = args.tasks.split(","), args.variants.split(",")
-    setting = f"llama d=256 x4 layers, {args.batch} x ({args.prompt_len} + {args.response_len}) tokens, fp32"
+    tied = ", tied embeddings" if args.tie_embeddings else ""
+    setting = f"llama d=256 x4 layers{tied}, {args.batch} x ({args.prompt_len} + {args.response_len}) tokens, fp32"
     print(f"device={args.device} torch={torch.__version__} chunk_size={args.chunk_size}; {setting}")
     if not args.skip_memory:
         print(f"\npeak memory, vocab {args.vocab} (MiB; [working] = peak - resident before the step)")
