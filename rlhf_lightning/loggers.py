@@ -33,6 +33,7 @@ import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
@@ -184,14 +185,17 @@ def log_positions(trainer: L.Trainer) -> dict[str, int]:
 
 def resume_logs(trainer: L.Trainer, positions: dict[str, int] | None) -> None:
     """Tell each logger that the run resumes from a checkpoint with these positions, and cut
-    ``samples.jsonl`` back to its size at the checkpoint: the resumed run samples and logs the
-    rest again (every sample row is written inside a training step, before the batch's checkpoint)."""
+    ``samples.jsonl`` back to its size at the checkpoint when the run trains on from it: it samples
+    and logs the rest again (every sample row is written inside a training step, before the
+    batch's checkpoint). Validating, testing or predicting from a checkpoint leaves the file alone."""
     for lg in _resumable(trainer):
         rows = (positions or {}).get(os.path.abspath(lg.log_dir))
         if rows is not None:
             lg.resume(rows)
     samples = samples_file(trainer)
     size = (positions or {}).get(os.path.abspath(samples))
+    if trainer.state.fn != TrainerFn.FITTING:  # validate/test/predict from a checkpoint log no samples
+        return
     if trainer.is_global_zero and size is not None and samples.is_file() and samples.stat().st_size > size:
         with samples.open("r+b") as f:
             f.truncate(size)

@@ -258,15 +258,15 @@ def test_per_sentence_critique_scores_the_verdicts_only():
     const = Constitution((p,), feedback=q, chat=ChatFormat(template=False, human="U:", assistant="S:"))
     model = Uniform()
     lp = feedback.no_problem_logprobs(model, OffsetCharTokenizer(), ["q"] * 2, ["a. b", "c."], [p, p], const)
-    # " a. (ok) b (ok)": two verdicts " (ok)" of 5 characters each are scored, the copies are not;
-    # the mean over the sentences, so one verdict's worth each
-    torch.testing.assert_close(lp, torch.tensor([5.0, 5.0]) * math.log(1 / V))
+    # " a. (ok) b (ok)": two verdicts "(ok)" of 4 characters each are scored, the copies and the
+    # spaces are not; the mean over the sentences, so one verdict's worth each
+    torch.testing.assert_close(lp, torch.tensor([4.0, 4.0]) * math.log(1 / V))
     assert model.seen == ["U: q\n\nS: a. b\n\nU: Bad?\n\nS: a. (ok) b (ok)", "U: q\n\nS: c.\n\nU: Bad?\n\nS: c. (ok)"]
     # a model that likes "k" after "o" (odds 4 against each other character) raises every verdict
     table = torch.zeros(V, V)
     table[ord("o"), ord("k")] = math.log(4)
     lp2 = feedback.no_problem_logprobs(Bigram(table), OffsetCharTokenizer(), ["q"], ["c."], [p], const)
-    assert lp2.item() == pytest.approx(4 * math.log(1 / V) + math.log(4 / (V + 3)))
+    assert lp2.item() == pytest.approx(3 * math.log(1 / V) + math.log(4 / (V + 3)))
 
 
 def test_scored_tokens_with_a_real_tokenizer(tokenizer):
@@ -276,6 +276,12 @@ def test_scored_tokens_with_a_real_tokenizer(tokenizer):
     text, spans = no_problem_critique("The plot was dull. It was fun.", "{sentence} (ok)")
     ids, mask = scored_tokens(tokenizer, text, spans)
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    scored = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert scored.replace(" ", "") == "(ok)(ok)"
+    # A verdict before its sentence: the space the tokenizer attaches to the sentence's first
+    # word belongs to no verdict, so that word is not scored.
+    text, spans = no_problem_critique("The plot was dull. It was fun.", "(ok) {sentence}")
+    ids, mask = scored_tokens(tokenizer, " " + text, [(a + 1, b + 1) for a, b in spans])
     scored = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert scored.replace(" ", "") == "(ok)(ok)"
     with pytest.raises(ValueError, match="empty"):

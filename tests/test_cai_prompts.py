@@ -139,11 +139,12 @@ def test_split_sentences_and_the_per_sentence_no_problem_critique():
     assert split_sentences("   ") == [] and split_sentences(" . ") == ["."]
     text, spans = no_problem_critique(" The plot was dull. It is", "{sentence} (ok)")
     assert text == "The plot was dull. (ok) It is (ok)"
-    assert [text[a:b] for a, b in spans] == [" (ok)", " (ok)"]  # the verdicts, not the copies
+    assert [text[a:b] for a, b in spans] == ["(ok)", "(ok)"]  # the verdicts, not the copies or spaces
     text, spans = no_problem_critique("Fine. Great.", "- {sentence}: fine;")
     assert text == "- Fine.: fine; - Great.: fine;"
-    assert [text[a:b] for a, b in spans] == ["- ", ": fine;", "- ", ": fine;"]
-    assert no_problem_critique("", "{sentence} (ok)") == (" (ok)", [(0, 5)])  # nothing to copy
+    assert [text[a:b] for a, b in spans] == ["-", ": fine;", "-", ": fine;"]
+    assert no_problem_critique("", "{sentence} (ok)") == ("(ok)", [(0, 4)])  # nothing to copy
+    assert no_problem_critique("  ", "(ok) {sentence}") == ("(ok)", [(0, 4)])
     assert no_problem_critique("Any.", "No problems.") == ("No problems.", [(0, 12)])
 
 

@@ -91,6 +91,7 @@ def check_matches_ddp(stage: Stage) -> None:
     # One model: the gathered weights are the same on both ranks, and training moved them.
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
     assert ranks[0]["export_equal"]  # the export is the gathered weights, exactly
+    assert ranks[0]["generation_config_kept"]
     # The update is DDP's: with 2 ranks the mean of two gradients rounds the same either way.
     stage.run("ddp", "ddp")
     sharded, ddp = stage.weights("fsdp2"), stage.weights("ddp")

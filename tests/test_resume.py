@@ -304,3 +304,24 @@ def test_pipeline_resume_gives_the_uninterrupted_sft_stage(tmp_path, monkeypatch
     rows = read_csv(tmp_path / "cut/sft/logs/metrics.csv")
     assert rows == read_csv(tmp_path / "whole/sft/logs/metrics.csv")
     assert [r["step"] for r in rows if r.get("sft/loss")] == [str(s) for s in range(6)]
+
+
+def test_samples_file_is_cut_back_only_when_training_resumes(tmp_path):
+    """A checkpoint holds samples.jsonl's size; training on from it drops the rows written after
+    it (the resumed run writes them again), validating or predicting from it keeps every row."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from rlhf_lightning.loggers import log_positions, resume_logs
+
+    trainer = L.Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"step": 0}\n')
+    positions = log_positions(trainer)
+    samples.write_text('{"step": 0}\n{"step": 4}\n')
+    for fn in (TrainerFn.VALIDATING, TrainerFn.PREDICTING):
+        trainer.state.fn = fn
+        resume_logs(trainer, positions)
+        assert samples.read_text() == '{"step": 0}\n{"step": 4}\n'
+    trainer.state.fn = TrainerFn.FITTING
+    resume_logs(trainer, positions)
+    assert samples.read_text() == '{"step": 0}\n'

@@ -73,6 +73,12 @@ def continuation_logprobs(
         a_ids = pad_right([continuations[n][0] for n in rows], tokenizer.pad_token_id)  # (B, A)
         scored = pad_right([continuations[n][1] for n in rows], 0).float()  # (B, A)
         ids = torch.cat([q["input_ids"], a_ids], 1).to(device)  # (B, Q+A)
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit and ids.shape[1] > limit:
+            raise ValueError(
+                f"a prompt ({q['input_ids'].shape[1]} tokens) and its scored continuation ({a_ids.shape[1]}) exceed "
+                f"the model's {limit} positions: lower max_prompt_length or sample shorter responses"
+            )
         mask = torch.cat([q["attention_mask"], pad_right([[1] * len(continuations[n][0]) for n in rows], 0)], 1)
         logp = response_logprobs(model, ids, mask.to(device), q["input_ids"].shape[1]).logprobs  # (B, A)
         out[start : start + len(rows)] = (logp.float().cpu() * scored).sum(-1)
@@ -159,7 +165,7 @@ def label_pairs(
     """
     if not len(requests) == len(pairs) == len(principles):
         raise ValueError(f"{len(requests)} requests, {len(pairs)} pairs, {len(principles)} principles")
-    groups = [pr if isinstance(pr, tuple) else (pr,) for pr in principles]
+    groups = [tuple(pr) if isinstance(pr, (tuple, list)) else (pr,) for pr in principles]
     if constitution.feedback.mode == "critique":
         return label_pairs_by_critique(
             model, tokenizer, requests, pairs, groups, constitution, batch_size, max_prompt_length

@@ -153,16 +153,23 @@ def no_problem_critique(response: str, no_problems: str) -> tuple[str, list[tupl
     judge is scored on. A ``no_problems`` without ``{sentence}`` is that text, scored whole; with
     it, one copy per sentence of the response with the sentence filled in, joined by spaces (the
     demo's ``"The plot was dull. (ok) It was fun. (ok)"``), scored on everything but the copied
-    sentences: the verdicts. A response without a sentence gets the template with an empty one."""
+    sentences: the verdicts, without their surrounding whitespace (a tokenizer that attaches a
+    space to the next word must not have that word scored). A response without a sentence gets
+    the template with an empty one, stripped."""
     if "{sentence}" not in no_problems:
         return no_problems, [(0, len(no_problems))]
     head, tail = no_problems.split("{sentence}")
+    sentences = split_sentences(response)
+    if not sentences:
+        text = (head + tail).strip()
+        return text, [(0, len(text))]
     text, spans = "", []
-    for sentence in split_sentences(response) or [""]:
+    for sentence in sentences:
         if text:
             text += " "
-        spans.append((len(text), len(text) + len(head)))
-        text += head + sentence
-        spans.append((len(text), len(text) + len(tail)))
-        text += tail
-    return text, [(a, b) for a, b in spans if b > a]
+        for part, verdict in ((head, True), (sentence, False), (tail, True)):
+            if verdict and part.strip():
+                start = len(text) + len(part) - len(part.lstrip())
+                spans.append((start, start + len(part.strip())))
+            text += part
+    return text, spans

@@ -22,6 +22,7 @@ reference, which the other checkpoints leave to be reloaded from its export.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +33,8 @@ from torch import nn
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The FSDP2-managed modules of ``model`` in module order (the same on every rank)."""
+    if not torch.distributed.is_available():  # a torch build without distributed: nothing is sharded
+        return []
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -118,6 +121,8 @@ def gathered_copy(model: nn.Module) -> nn.Module | None:
     with no_init_weights():
         plain = cls(model.config)
     plain.load_state_dict(state, assign=True)
+    if getattr(model, "generation_config", None) is not None:  # the checkpoint's, not one rebuilt from config
+        plain.generation_config = copy.deepcopy(model.generation_config)
     if hasattr(plain, "tie_weights"):  # assign replaced the shared tensor by two copies
         plain.tie_weights()
     return plain.train(model.training)

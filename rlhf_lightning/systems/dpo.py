@@ -155,10 +155,10 @@ class DPOModule(PolicySystem):
         """Score every pair of each split with the reference once and keep ``(N, 2)`` log-probs.
 
         Batches must carry ``index`` (``PreferenceDataModule`` does): the cache is keyed by
-        it, so any order or batch size works. Under several ranks each rank scores the share
-        of the set its loader deals it, and the ranks exchange their scores, so every rank
-        holds the whole cache (an index scored twice, as a padded share repeats one, keeps
-        one of its equal values).
+        it, so any order or batch size works. Under several ranks each rank scores what its
+        loader deals it (its share of the training pairs; the validation loader is not split,
+        so every rank scores all of it) and the ranks exchange their scores, so every rank
+        holds the whole cache (an index scored twice keeps one of its equal values).
         """
         if self.ref_policy is None and not self.reference_is_base:
             self._load_reference()

@@ -63,6 +63,8 @@ class Record(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.before = checksum(pl_module.policy)
+        # A setting only the policy's generation config holds: the export must keep it.
+        pl_module.policy.generation_config.fsdp2_marker = "kept"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics[self.key]))
@@ -188,6 +190,10 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
             exported = AutoModelForCausalLM.from_pretrained(str(Path(out_dir, "hf"))).state_dict()
             same = sorted(full) == sorted(exported) and all(torch.equal(full[k], exported[k]) for k in full)
             out["export_equal"] = same
+            # The export keeps the policy's generation config (Record set a marker only it holds),
+            # not one rebuilt from the model config.
+            exported_gc = json.loads(Path(out_dir, "hf", "generation_config.json").read_text())
+            out["generation_config_kept"] = exported_gc.get("fsdp2_marker") == "kept"
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
