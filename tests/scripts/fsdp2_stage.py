@@ -19,6 +19,7 @@ Lightning's launcher starts the second rank by running this file again. Each ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -35,18 +36,13 @@ from rlhf_lightning.callbacks import HFExport
 from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.generation import SamplingConfig, sample_responses
 from rlhf_lightning.models import gathered_copy
-from rlhf_lightning.rl.rewards import RewardFunctionSpec
 from rlhf_lightning.systems.dpo import DPOModule
-from rlhf_lightning.systems.online_rl import OnlineRLModule
 from rlhf_lightning.systems.sft import SFTModule
+from tests.test_online_rl import make as make_grpo
 
 KILL_AT = 2  # cut: stopped after two of the four steps (GRPO: after the first iteration)
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
-
-
-def length_reward(prompts, responses):
-    return [float(len(r.split())) for r in responses]
 
 
 def checksum(policy: torch.nn.Module) -> float:
@@ -83,22 +79,15 @@ def system(stage: str, model: str, tokenizer: str, data: str):
             precompute_ref_logps=stage == "dpo_cached",  # DDP only: FSDP2 refuses it
         )
         return module, dm, "dpo/loss"
-    module = OnlineRLModule(
-        model=model,
-        tokenizer=tokenizer,
-        reward_functions=[RewardFunctionSpec(f"{__name__}:length_reward")],
-        stage="grpo",
-        estimator="grpo",
-        num_samples=4,
-        kl_in_loss=True,
-        kl_estimator="k3",
-        init_kl_coef=0.04,
-        kl_target=0.01,  # adaptive: the coefficient moves every iteration (a resumed run must take it up)
+    # The critic-free test system (its length reward, the k3 KL in the loss), with an adaptive
+    # coefficient that moves every iteration (a resumed run must take it up) and two updates
+    # per rollout: the rollout forward, then learning forwards and backwards.
+    module = make_grpo(
+        {"sft": model, "tokenizer": tokenizer},
+        kl_target=0.01,
         kl_horizon=10,
-        whiten_advantages=False,
-        ppo_epochs=2,  # two updates per rollout: the rollout forward, then learning forwards and backwards
-        missing_eos_penalty=None,
-        sampling=SamplingConfig(max_new_tokens=6),
+        ppo_epochs=2,
+        loss_aggregation="token_mean",
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
     dm = PromptDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2, max_prompt_length=16)
@@ -165,10 +154,8 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
         default_root_dir=out_dir,
     )
     if phase == "cut":
-        try:
+        with contextlib.suppress(Killed):  # the stop the test stands for, after Kill wrote the losses
             trainer.fit(module, datamodule=dm)
-        except Killed:
-            pass
         return
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if phase == "resume" else None)
     full = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))  # every rank
