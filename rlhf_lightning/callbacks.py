@@ -45,7 +45,7 @@ class HFExport(L.Callback):
             return
         trainer.strategy.barrier()
         # A sharded model (FSDP2) is gathered by every rank; rank 0 gets the full copy to write.
-        model = gathered_copy(pl_module.export_model())
+        model = gathered_copy(pl_module.export_model(), within=pl_module)
         if trainer.is_global_zero:
             path = pl_module.export_hf(self.export_path(trainer), model)
             log.info("exported %s to %s", type(pl_module).__name__, path)

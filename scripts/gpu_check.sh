@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 STEPS=${STEPS:-8}
 FLAGS=""
 [ -n "${TINY:-}" ] && FLAGS="--tiny"
-CHECKS=${CHECKS:-"sft_bf16 sft_lora_bf16 sft_lora_true reward_lora_bf16 dpo_bf16 dpo_lora_bf16 ppo_lora_bf16 grpo_bf16 grpo_ourloop_bf16 sft_fsdp2_bf16 dpo_fsdp2_bf16 grpo_fsdp2_bf16"}
+CHECKS=${CHECKS:-"sft_bf16 sft_lora_bf16 sft_lora_true reward_lora_bf16 dpo_bf16 dpo_lora_bf16 ppo_lora_bf16 grpo_bf16 grpo_ourloop_bf16 sft_fsdp2_bf16 reward_fsdp2_bf16 dpo_fsdp2_bf16 dpo_lora_fsdp2_bf16 ppo_fsdp2_bf16 ppo_lora_fsdp2_bf16 grpo_fsdp2_bf16"}
 ERR=${ERR_DIR:-$OUT}  # each check's stderr
 mkdir -p "$OUT" "$ERR"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

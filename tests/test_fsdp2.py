@@ -1,4 +1,5 @@
-"""SFT, DPO and GRPO under FSDP2 (ModelParallelStrategy, ``fully_shard``) on 2 CPU processes with gloo.
+"""SFT, reward, DPO, PPO (LoRA too) and GRPO under FSDP2 (ModelParallelStrategy, ``fully_shard``)
+on 2 CPU processes with gloo.
 
 FSDP v1 refuses the CPU; FSDP2 runs on it, so sharding, sampling with sharded weights,
 the gathered export, the update itself (equal to DDP's) and the exact resume from a
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from tests.test_online_rl import policy_export  # noqa: F401  (fixture)
+from tests.test_ppo import exports  # noqa: F401  (fixture: an SFT export and a reward model beside it)
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_stage.py"
 PROMPTS = [f"{start} {end}" for start in ("The movie was", "I hated this film") for end in "abcd"]
@@ -35,7 +37,7 @@ class Stage:
     def run(self, out: str, strategy: str = "fsdp2", phase: str = "whole") -> list[dict]:
         """Each rank's record of a run in ``root/out`` (``phase``: see the script)."""
         out_dir = self.root / out
-        out_dir.mkdir(exist_ok=True)  # resume: where the cut run left its checkpoints
+        out_dir.mkdir(parents=True, exist_ok=True)  # resume: where the cut run left its checkpoints
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, str(SCRIPT), self.name, self.model, self.tokenizer, str(self.data), str(out_dir)]
         proc = subprocess.run([*cmd, strategy, phase], env=env, capture_output=True, text=True, timeout=600)
@@ -80,28 +82,52 @@ def grpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
     return Stage("grpo", policy_export["sft"], policy_export["tokenizer"], data, root)
 
 
-def check_matches_ddp(stage: Stage) -> None:
+@pytest.fixture(scope="module")
+def reward(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp2_reward")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
+                                        "rejected": f" {WORDS[(i + 3) % 6]} plot."}) + "\n"
+                            for i in range(16)))  # fmt: skip
+    (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Review {i}:", "response": f" {w} film."}) + "\n"
+                                            for i, w in enumerate(WORDS)))  # fmt: skip
+    return Stage("reward", policy_export["sft"], policy_export["tokenizer"], data, root)
+
+
+@pytest.fixture(scope="module")
+def ppo(exports, tmp_path_factory) -> Stage:  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp2_ppo")
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return Stage("ppo", exports["sft"], exports["tokenizer"], data, root)
+
+
+def check_matches_ddp(stage: Stage, atol: float = 0.0) -> None:
     ranks = stage.whole
     assert [r["world_size"] for r in ranks] == [2, 2]
     for r in ranks:
         assert r["losses"] and all(math.isfinite(x) for x in r["losses"])
         assert r["sharded"] and r["local_numel"] < r["full_numel"]
         assert r["sampling_matches"]  # ranks sampled 3 and 8 tokens: no hang, the plain copy's tokens
+        assert r["chunked"]  # the sharded policy's log-probs never built the full logits
     assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"]  # each weight split across the ranks
     # One model: the gathered weights are the same on both ranks, and training moved them.
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
-    assert ranks[0]["export_equal"]  # the export is the gathered weights, exactly
-    assert ranks[0]["generation_config_kept"]
+    assert ranks[0]["export_equal"]  # the export is the gathered weights, exactly (LoRA: merged)
+    assert ranks[0]["export_outputs_match"]  # plain transformers gives the sharded model's outputs
+    assert ranks[0]["generation_config_kept"] and ranks[0]["normalization_exported"]
     # The update is DDP's: with 2 ranks the mean of two gradients rounds the same either way.
     stage.run("ddp", "ddp")
     sharded, ddp = stage.weights("fsdp2"), stage.weights("ddp")
-    assert sharded.keys() == ddp.keys() and all(torch.equal(sharded[k], ddp[k]) for k in ddp)
+    assert sharded.keys() == ddp.keys() and all(torch.allclose(sharded[k], ddp[k], rtol=0, atol=atol) for k in ddp)
     # Plain transformers loads the export (no rlhf_lightning, no process group).
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    exported = AutoModelForCausalLM.from_pretrained(stage.root / "fsdp2" / "hf")
-    assert all(torch.equal(exported.state_dict()[k], v) for k, v in sharded.items())
-    assert torch.isfinite(exported(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    auto, prefix = (AutoModelForSequenceClassification, "reward_model.model.") if stage.name == "reward" else (
+        AutoModelForCausalLM, "policy.")  # fmt: skip
+    exported = auto.from_pretrained(stage.root / "fsdp2" / "hf").state_dict()
+    if "lora" not in stage.name:  # a LoRA export is merged: its outputs were compared instead
+        assert all(torch.equal(exported[k[len(prefix) :]], v) for k, v in sharded.items() if k.startswith(prefix))
 
 
 def check_resumes_exactly(stage: Stage) -> None:
@@ -127,11 +153,6 @@ def test_sft_under_fsdp2_matches_ddp(sft):
 
 
 @pytest.mark.slow
-def test_sft_under_fsdp2_resumes_exactly(sft):
-    check_resumes_exactly(sft)
-
-
-@pytest.mark.slow
 def test_dpo_under_fsdp2_matches_ddp(dpo):
     """The policy sharded, the reference a frozen copy of the export, whole on every rank."""
     check_matches_ddp(dpo)
@@ -153,12 +174,6 @@ def test_dpo_precomputed_reference_under_ddp(dpo):
 
 
 @pytest.mark.slow
-def test_dpo_under_fsdp2_resumes_exactly(dpo):
-    """The checkpoint keeps the reference's weights: torch.distributed.checkpoint asks for all of them."""
-    check_resumes_exactly(dpo)
-
-
-@pytest.mark.slow
 def test_grpo_under_fsdp2_matches_ddp(grpo):
     """Sampling, rollout log-probs and two updates per rollout (several forwards of the sharded
     policy in one manual-optimisation step: what FSDP v1 refused on a GPU)."""
@@ -166,8 +181,37 @@ def test_grpo_under_fsdp2_matches_ddp(grpo):
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp2_resumes_exactly(grpo):
-    check_resumes_exactly(grpo)
+def test_reward_model_under_fsdp2_matches_ddp(reward):
+    """The RewardModel wrapper is the FSDP2 root (its forward calls the backbone and the score
+    head directly); the normalisation scores with it on every rank; the export is its
+    ``*ForSequenceClassification``, gathered out of the wrapper."""
+    check_matches_ddp(reward)
+
+
+@pytest.mark.slow
+def test_ppo_under_fsdp2_matches_ddp(ppo):
+    """Policy and separate critic sharded (the critic called through ``values``, registered as
+    an FSDP2 forward), the frozen reference and reward model whole on every rank."""
+    check_matches_ddp(ppo)
+    assert {k.split(".")[0] for k in ppo.weights("fsdp2")} == {"policy", "critic"}
+
+
+@pytest.mark.slow
+def test_ppo_under_fsdp2_resumes_exactly(ppo):
+    """Resume from a sharded checkpoint: policy and critic shards, both optimizer groups, the
+    adaptive KL coefficient, RNG streams, and the frozen reference and reward model, which this
+    checkpoint keeps (torch.distributed.checkpoint asks for every weight). SFT, DPO and GRPO
+    resume through the same sharded-checkpoint path."""
+    check_resumes_exactly(ppo)
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_under_fsdp2_matches_ddp(ppo):
+    """LoRA adapters on the sharded policy and critic (frozen base weights sharded with them),
+    the reference the policy with its adapter off; the merged export gives the sharded
+    policy's outputs. Gradient clipping is on: the norm of sharded gradients is summed in
+    another order than DDP's, so the weights agree to an ulp rather than bit for bit."""
+    check_matches_ddp(Stage("ppo_lora", ppo.model, ppo.tokenizer, ppo.data, ppo.root / "lora"), atol=1e-6)
 
 
 def fake_mesh(data_parallel: int, tensor_parallel: int) -> dict:

@@ -108,6 +108,22 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return model
 
 
+def copy_lora(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Inject into ``target`` (a fresh model of ``source``'s architecture) the adapter layers
+    ``source`` carries, same ``peft`` config, so that ``source``'s state dict loads into it."""
+    from peft import get_peft_model
+
+    wrapper = lora_wrapper(source)
+    if wrapper is None:
+        raise ValueError(f"{type(source).__name__} has no LoRA adapter to copy")
+    hf = hf_model(target)
+    new = get_peft_model(hf, copy.deepcopy(wrapper.peft_config["default"]))
+    if new.base_model.model is not hf:
+        raise RuntimeError("peft did not adapt the model in place")
+    hf.__dict__[_WRAPPER_ATTR] = new
+    return target
+
+
 def lora_wrapper(model: nn.Module):
     """The ``peft.PeftModel`` that owns ``model``'s adapter, or None when it has none."""
     try:

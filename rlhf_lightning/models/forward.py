@@ -10,6 +10,10 @@ last hidden states and computes log-probs and entropy from them and the LM head 
 chunks of rows (:func:`~rlhf_lightning.logprobs.chunked_token_logprobs`). A model whose
 logits are not ``head(hidden)`` (optionally soft-capped) is detected once, by comparing
 both ways on a few tokens, and keeps the plain path.
+
+A model sharded with FSDP2 gathers its embeddings, final norm and head only in its own
+forward, so there the split runs inside a method of the model registered as an FSDP2
+forward (``register_fsdp_forward_method``): the same gathering, the same chunks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
-from rlhf_lightning.models.sharding import is_sharded
+from rlhf_lightning.models.sharding import full_parameters, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +95,10 @@ def _split_head(model: nn.Module) -> LinearHead | None:
     except (AttributeError, NotImplementedError, ValueError):
         return None
     # An adapter or a sharding wrapper around the head is not a plain nn.Linear: keep the plain path.
-    # Under FSDP2 the head is a plain nn.Linear, but only the model's own forward gathers its
-    # weights (and the embeddings' and final norm's): calling the decoder and head apart would not.
-    if is_sharded(model) or decoder is None or decoder is model or type(head) is not nn.Linear:
+    if decoder is None or decoder is model or type(head) is not nn.Linear:
         return None
-    if head.weight.shape != (head.out_features, head.in_features):  # partitioned (ZeRO-3) weight
+    # A partitioned (ZeRO-3) weight; FSDP2's sharded weights keep their full shape.
+    if head.weight.shape != (head.out_features, head.in_features):
         return None
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -128,10 +132,63 @@ def linear_head(model: nn.Module, input_ids: torch.Tensor) -> LinearHead | None:
     if split is None:
         return None
     if model not in _REPRODUCES:
-        _REPRODUCES[model] = _reproduces_logits(model, split, input_ids)
+        # Sharded: every rank gathers the weights for the check (its first forward, on every rank).
+        with full_parameters(model):
+            _REPRODUCES[model] = _reproduces_logits(model, split, input_ids)
         if not _REPRODUCES[model]:
             log.warning("%s: logits are not head(hidden states); log-probs use the full logits", type(model).__name__)
     return split if _REPRODUCES[model] else None
+
+
+def _split_logprobs(
+    split: LinearHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    labels: torch.Tensor,
+    temperature: float,
+    rows: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(B*A,)`` log-probs, entropy (or None) and ``(B, A, H)`` hidden states through the split."""
+    out = split.decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, response_start - 1 : -1]  # (B, A, H)
+    logps, entropy = chunked_token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]),  # (B*A, H)
+        split.head.weight,
+        labels.reshape(-1),
+        split.head.bias,
+        temperature,
+        split.softcap,
+        rows,
+        with_entropy,
+    )
+    return logps, entropy, hidden
+
+
+_SHARDED_SPLIT = "rlhf_split_logprobs"  # the method name on a sharded model
+
+
+def _sharded_split_method(model: nn.Module):
+    """:func:`_split_logprobs` as a method of the FSDP2 root ``model``, registered so that calling
+    it gathers the root's weights (embeddings, final norm, head) as its forward does, and its
+    backward reduce-scatters their gradients. Registered on first use (every rank alike)."""
+    method = model.__dict__.get(_SHARDED_SPLIT)
+    if method is None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        def split_logprobs(self, *args):
+            return _split_logprobs(*args)
+
+        model.__dict__[_SHARDED_SPLIT] = types.MethodType(split_logprobs, model)
+        register_fsdp_forward_method(model, _SHARDED_SPLIT)
+        method = model.__dict__[_SHARDED_SPLIT]
+    return method
 
 
 @dataclass
@@ -188,23 +245,10 @@ def response_logprobs(
     labels = (input_ids if targets is None else targets)[:, response_start:]  # (B, A)
     split = linear_head(model, input_ids) if chunk_size else None
     if split is not None:
-        out = split.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state[:, response_start - 1 : -1]  # (B, A, H)
-        logps, entropy = chunked_token_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]),  # (B*A, H)
-            split.head.weight,
-            labels.reshape(-1),
-            split.head.bias,
-            temperature,
-            split.softcap,
-            chunk_rows(chunk_size, split.head.out_features),
-            with_entropy,
-        )
+        run = _sharded_split_method(model) if is_sharded(model) else _split_logprobs
+        rows = chunk_rows(chunk_size, split.head.out_features)
+        logps, entropy, hidden = run(split, input_ids, attention_mask, response_start, labels, temperature, rows,
+                                     with_entropy)  # fmt: skip
         return ResponseOutputs(
             logprobs=logps.view(labels.shape),
             entropy=None if entropy is None else entropy.view(labels.shape),

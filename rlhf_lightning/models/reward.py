@@ -38,6 +38,10 @@ class RewardModel(nn.Module):
     is what a critic initialised from the reward model uses as per-token values.
     """
 
+    # Entry points besides ``forward`` that gather the weights when the model is sharded
+    # (``models.sharding.shard``); a method they call must not be listed as well.
+    fsdp_forward_methods: tuple[str, ...] = ()
+
     def __init__(self, model: PreTrainedModel, normalize: bool = True):
         super().__init__()
         self.model = model

@@ -60,8 +60,16 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     One all-gather per block keeps the peak memory of a forward at about one block's full
     weights; the root group holds the rest (embeddings, a tied LM head, the final norm,
     score heads). ``mesh``: a 1-D device mesh of the data-parallel ranks.
+
+    ``model`` may be a wrapper around a ``transformers`` model (the reward model, a
+    critic): the wrapper is then the root, so its forward gathers what the blocks do not
+    hold, whichever inner module it calls. Methods other than ``forward`` that the
+    training step calls are named in the wrapper's ``fsdp_forward_methods`` and get the
+    same gathering (``register_fsdp_forward_method``). LoRA layers injected into the
+    blocks are sharded with them (frozen and trained weights in one group; only the
+    trained ones get gradients to reduce).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     blocks = set()
     for m in model.modules():
@@ -70,6 +78,8 @@ def shard(model: nn.Module, mesh) -> nn.Module:
         if type(m).__name__ in blocks:
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for method in getattr(model, "fsdp_forward_methods", ()):
+        register_fsdp_forward_method(model, method)
     return model
 
 
@@ -97,29 +107,57 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
             m.reshard()
 
 
-def gathered_copy(model: nn.Module) -> nn.Module | None:
+def sharded_root(model: nn.Module, within: nn.Module | None = None) -> tuple[nn.Module, str] | None:
+    """The FSDP2 root that holds ``model`` and ``model``'s key prefix in it, or None when
+    ``model`` is not sharded. ``model`` may be the root itself, or a part of a root among
+    ``within``'s modules (the ``transformers`` model inside a sharded reward model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return model, ""
+    for root in within.modules() if within is not None else ():
+        if isinstance(root, FSDPModule):  # module order: a root comes before its blocks
+            for name, m in root.named_modules():
+                if m is model:
+                    return root, f"{name}."
+    if is_sharded(model):
+        raise ValueError(f"{type(model).__name__} is partly sharded: pass the system as `within` to find its root")
+    return None
+
+
+def gathered_copy(model: nn.Module, within: nn.Module | None = None) -> nn.Module | None:
     """``model`` itself when it is not sharded; else a plain copy with the full weights on rank 0
     and None on the other ranks (a collective: every rank calls it).
 
-    The copy is the model's own ``transformers`` class, built without initialising weights and
-    given the gathered tensors (on the CPU, in their training dtype).
+    ``model`` is a ``transformers`` model that :func:`shard` was given, or one inside a
+    sharded wrapper among ``within``'s modules (see :func:`sharded_root`). The copy is the
+    model's own ``transformers`` class, built without initialising weights and given the
+    gathered tensors (on the CPU, in their training dtype); a model with a LoRA adapter
+    gets the same adapter (``peft`` config) first, so the copy exports like the original.
     """
-    if not is_sharded(model):
+    found = sharded_root(model, within)
+    if found is None:
         return model
+    root, prefix = found
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
     from transformers.initialization import no_init_weights
 
-    if not isinstance(model, FSDPModule):
-        raise ValueError(f"{type(model).__name__} is partly sharded: export the model that shard() was given")
+    from rlhf_lightning.models.adapters import copy_lora, lora_wrapper
 
     # Only rank 0 receives the tensors (cpu_offload), one at a time.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() != 0:
         return None
-    cls = next(b for b in type(model).__bases__ if not issubclass(b, FSDPModule))  # fully_shard's FSDP<cls>
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    # fully_shard turns the class into FSDP<cls>; a part inside a sharded wrapper keeps its own.
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(b for b in cls.__bases__ if not issubclass(b, FSDPModule))
     with no_init_weights():
         plain = cls(model.config)
+    if lora_wrapper(model) is not None:
+        copy_lora(model, plain)
     plain.load_state_dict(state, assign=True)
     if getattr(model, "generation_config", None) is not None:  # the checkpoint's, not one rebuilt from config
         plain.generation_config = copy.deepcopy(model.generation_config)

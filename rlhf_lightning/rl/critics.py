@@ -21,6 +21,7 @@ class SeparateCritic(RewardModel):
     """A critic model of its own, with the reward model's architecture and score head."""
 
     needs_hidden = False
+    fsdp_forward_methods = ("values",)  # called in place of forward (models.sharding.shard)
 
     @classmethod
     def from_reward_model(cls, rm: RewardModel) -> SeparateCritic:

@@ -40,6 +40,8 @@ from transformers import PreTrainedModel
 from rlhf_lightning.generation import SamplingConfig, decode_responses, sample_responses
 from rlhf_lightning.models import (
     LoraSettings,
+    RewardModel,
+    ValueHead,
     adapter_disabled,
     check_finite_weights,
     count_parameters,
@@ -97,25 +99,23 @@ class RLHFSystem(ExactResume, L.LightningModule):
         """FSDP2: shard every trainable model over the data-parallel ranks (``models/sharding.py``).
 
         Frozen models stay whole on every rank: they only run forwards (sharding them too is
-        the next step for models that do not fit a device). A trainable model must be a
-        ``transformers`` model called through its forward, which is where FSDP2 gathers its
-        weights: the reward model's and critics' wrappers are not yet, so they fail here
-        rather than train unsynchronised on each rank.
+        the next step for models that do not fit a device). A trainable model is a
+        ``transformers`` model (LoRA adapters included) or one of the wrappers whose calls
+        go through FSDP2's gathering (the reward model, the critics: ``fsdp_forward_methods``);
+        anything else fails here rather than train unsynchronised on each rank.
         """
         if mesh["tensor_parallel"].size() > 1:
             raise ValueError(
                 "only data parallelism (FSDP2) is implemented: use "
                 "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)"
             )
-        if self.lora is not None:  # exports and references of a sharded adapter are not written yet
-            raise NotImplementedError("LoRA under ModelParallelStrategy (FSDP2) is not supported yet")
         trainable = {
             name: child
             for name, child in self.named_children()
             if name not in self._frozen and any(p.requires_grad for p in child.parameters())
         }
         for name, child in trainable.items():
-            if not isinstance(child, PreTrainedModel):
+            if not isinstance(child, PreTrainedModel | RewardModel | ValueHead):
                 raise NotImplementedError(f"FSDP2 cannot shard {name} ({type(child).__name__}) yet")
         for child in trainable.values():
             shard(child, mesh["data_parallel"])

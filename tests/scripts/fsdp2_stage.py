@@ -1,16 +1,19 @@
-"""Run SFT, DPO or GRPO under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
+"""Run a stage under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
 
-    python tests/scripts/fsdp2_stage.py {sft,dpo,dpo_cached,grpo} MODEL_OR_EMPTY TOKENIZER DATA OUT_DIR \
-        {fsdp2,ddp} [PHASE]
+    python tests/scripts/fsdp2_stage.py {sft,dpo,dpo_cached,grpo,reward,ppo,ppo_lora} MODEL_OR_EMPTY TOKENIZER \
+        DATA OUT_DIR {fsdp2,ddp} [PHASE]
 
-Lightning's launcher starts the second rank by running this file again. Each rank writes
-``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights to
-``OUT_DIR/weights.pt``. PHASE:
+``reward`` reads SFT demonstrations for its normalisation from ``sft.jsonl`` beside DATA;
+``ppo`` and ``ppo_lora`` read the reward model from ``rm`` beside MODEL. Lightning's
+launcher starts the second rank by running this file again. Each rank writes
+``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights,
+every trained model's under its name, to ``OUT_DIR/weights.pt``. PHASE:
 
-* ``whole`` (default): four steps; the json also holds how the policy is sharded, a
-  checksum of the full weights before and after training, and whether sampling with the
-  sharded policy, rank-dependent lengths included, gives exactly what the gathered plain
-  copy gives; the export goes to ``OUT_DIR/hf`` (``HFExport``). With ``ddp`` the same run
+* ``whole`` (default): four steps; the json also holds how the trained models are
+  sharded, a checksum of their full weights before and after training, whether sampling
+  with the sharded policy, rank-dependent lengths included, gives exactly what the
+  gathered plain copy gives, and whether the export (``OUT_DIR/hf``, ``HFExport``) loaded
+  with plain transformers gives the sharded model's outputs. With ``ddp`` the same run
   under DDP gives the weights to compare with;
 * ``cut``: a checkpoint after every step, stopped by an exception as the batch after step
   ``KILL_AT`` starts (no weights saved);
@@ -30,25 +33,39 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import rlhf_lightning.models.forward as forward
 from rlhf_lightning.callbacks import HFExport
 from rlhf_lightning.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from rlhf_lightning.generation import SamplingConfig, sample_responses
-from rlhf_lightning.models import gathered_copy
+from rlhf_lightning.models import LoraSettings, RewardModel, gathered_copy, has_lora
 from rlhf_lightning.systems.dpo import DPOModule
+from rlhf_lightning.systems.reward import RewardModule, RewardNormalization
 from rlhf_lightning.systems.sft import SFTModule
 from tests.test_online_rl import make as make_grpo
+from tests.test_ppo import make as make_ppo
 
-KILL_AT = 2  # cut: stopped after two of the four steps (GRPO: after the first iteration)
+KILL_AT = 2  # cut: stopped after two of the four steps (online RL: after the first iteration)
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 
 
-def checksum(policy: torch.nn.Module) -> float:
-    """Sum of the full weights, gathered on every rank (a collective)."""
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    return sum(float(v.double().sum()) for v in full.values())
+def trained(module) -> dict[str, torch.nn.Module]:
+    """The models the stage trains, by attribute name."""
+    names = ["reward_model"] if isinstance(module, RewardModule) else ["policy", "critic"]
+    return {n: getattr(module, n) for n in names if getattr(module, n, None) is not None}
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    """Every trained model's full weights as ``name.key``, gathered on every rank (a collective)."""
+    options = StateDictOptions(full_state_dict=True)
+    states = {n: get_model_state_dict(m, options=options) for n, m in trained(module).items()}
+    return {f"{n}.{k}": v for n, state in states.items() for k, v in state.items()}
+
+
+def checksum(module) -> float:
+    return sum(float(v.double().sum()) for v in full_weights(module).values())
 
 
 class Record(L.Callback):
@@ -58,9 +75,9 @@ class Record(L.Callback):
         self.key, self.losses, self.before = key, [], None
 
     def on_train_start(self, trainer, pl_module):
-        self.before = checksum(pl_module.policy)
-        # A setting only the policy's generation config holds: the export must keep it.
-        pl_module.policy.generation_config.fsdp2_marker = "kept"
+        self.before = checksum(pl_module)
+        if hasattr(pl_module, "policy"):  # a setting only the policy's generation config holds: the export keeps it
+            pl_module.policy.generation_config.fsdp2_marker = "kept"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics[self.key]))
@@ -79,6 +96,29 @@ def system(stage: str, model: str, tokenizer: str, data: str):
             precompute_ref_logps=stage == "dpo_cached",  # DDP only: FSDP2 refuses it
         )
         return module, dm, "dpo/loss"
+    if stage == "reward":  # the RewardModel wrapper sharded as the root; its normalisation scores on every rank
+        dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
+        module = RewardModule(model=model, tokenizer=tokenizer, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        return module, dm, "rm/loss"
+    dm = PromptDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2, max_prompt_length=16)
+    if stage in ("ppo", "ppo_lora"):
+        # A separate critic (sharded, called through ``values``), two updates per rollout, an
+        # adaptive KL coefficient; with LoRA: adapters on policy and critic, the reference the
+        # policy with its adapter off, gradient clipping on.
+        exports = {"sft": model, "rm": str(Path(model).with_name("rm")), "tokenizer": tokenizer}
+        module = make_ppo(
+            exports,
+            sampling=SamplingConfig(max_new_tokens=6),
+            kl_target=0.01,
+            kl_horizon=10,
+            ppo_epochs=2,
+            lora=LoraSettings(r=4, alpha=8.0) if stage == "ppo_lora" else None,
+            # Clipping sums the squared gradient norms in another order than DDP does (per shard,
+            # then across ranks), which moves the weights by an ulp: left on with LoRA only.
+            max_grad_norm=1.0 if stage == "ppo_lora" else None,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        )
+        return module, dm, "ppo/policy_loss"
     # The critic-free test system (its length reward, the k3 KL in the loss), with an adaptive
     # coefficient that moves every iteration (a resumed run must take it up) and two updates
     # per rollout: the rollout forward, then learning forwards and backwards.
@@ -90,7 +130,6 @@ def system(stage: str, model: str, tokenizer: str, data: str):
         loss_aggregation="token_mean",
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
-    dm = PromptDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2, max_prompt_length=16)
     return module, dm, "grpo/policy_loss"
 
 
@@ -109,6 +148,44 @@ def sampling_matches(module, rank: int) -> bool:
     torch.manual_seed(123)
     ref = sample_responses(plain, batch["input_ids"], batch["attention_mask"], tok.eos_token_id, tok.pad_token_id, cfg)
     return torch.equal(sharded.response_ids, ref.response_ids)
+
+
+def export_checks(module, full: dict[str, torch.Tensor], path: Path, rank: int) -> dict[str, bool]:
+    """On rank 0: the export, loaded with plain transformers, holds the gathered weights exactly
+    (LoRA: merged, so only its outputs are compared), gives the sharded model's outputs, and
+    keeps the generation config's marker (a setting only the trained model's config holds)."""
+    ids = torch.tensor([[5, 17, 42, 9, 33, 61], [7, 8, 9, 10, 0, 0]])
+    mask = (torch.arange(6) < torch.tensor([[6], [4]])).long()
+    reward = isinstance(module, RewardModule)
+    trained_model = module.reward_model if reward else module.policy
+    trained_model.eval()
+    with torch.no_grad():  # every rank: the sharded forward gathers
+        if reward:
+            sharded_out = trained_model(ids, mask, normalize=False)
+        else:
+            sharded_out = trained_model(input_ids=ids, attention_mask=mask).logits
+    if rank != 0:
+        return {}
+    lora = has_lora(trained_model)
+    prefix = "reward_model.model." if reward else "policy."
+    if reward:
+        plain = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        with torch.no_grad():
+            out = RewardModel(plain)(ids, mask, normalize=False)
+    else:
+        plain = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            out = plain(input_ids=ids, attention_mask=mask).logits
+    exported = plain.state_dict()
+    ours = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    gc = {} if reward else json.loads((path / "generation_config.json").read_text())
+    same = sorted(ours) == sorted(exported) and all(torch.equal(ours[k], exported[k]) for k in ours)
+    return {
+        "export_equal": lora or same,
+        "export_outputs_match": bool(torch.allclose(out, sharded_out, rtol=0, atol=1e-5 if lora else 0)),
+        "generation_config_kept": reward or gc.get("fsdp2_marker") == "kept",
+        "normalization_exported": not reward or "rlhf_reward_gain" in json.loads((path / "config.json").read_text()),
+    }
 
 
 class Killed(RuntimeError):
@@ -136,6 +213,9 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
     ckpt_dir = Path(out_dir, "ckpt")
     if phase == "whole":
         callbacks = [record, HFExport(str(Path(out_dir, "hf")))]
+        if stage == "reward":  # before the export, as in configs/reward.yaml
+            samples = str(Path(data).with_name("sft.jsonl"))
+            callbacks.insert(1, RewardNormalization(samples_file=samples, max_samples=8, batch_size=4))
     else:  # a checkpoint after every step, as ``cut`` leaves it and ``resume`` starts from it
         callbacks = [record, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=1)]
     if phase == "cut":
@@ -158,29 +238,24 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
             trainer.fit(module, datamodule=dm)
         return
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if phase == "resume" else None)
-    full = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True))  # every rank
+    full = full_weights(module)  # every rank
     if trainer.global_rank == 0:
         torch.save(full, Path(out_dir, "weights.pt"))
     out = {"losses": record.losses}
     if phase == "whole":
-        weights = [p for p in module.policy.parameters()]
+        weights = [p for m in trained(module).values() for p in m.parameters()]
         out |= {
             "world_size": trainer.world_size,
             "sharded": all(isinstance(p, DTensor) for p in weights),
             "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
             "full_numel": sum(p.numel() for p in weights),
             "before": record.before,
-            "after": checksum(module.policy),
-            "sampling_matches": sampling_matches(module, trainer.global_rank),
+            "after": checksum(module),
+            "sampling_matches": sampling_matches(module, trainer.global_rank) if hasattr(module, "policy") else True,
+            # The policy's log-probs went through the chunked head split (not the full logits).
+            "chunked": not hasattr(module, "policy") or forward._REPRODUCES.get(module.policy) is True,
+            **export_checks(module, full, Path(out_dir, "hf"), trainer.global_rank),
         }
-        if trainer.global_rank == 0:  # the export holds the gathered weights, exactly
-            exported = AutoModelForCausalLM.from_pretrained(str(Path(out_dir, "hf"))).state_dict()
-            same = sorted(full) == sorted(exported) and all(torch.equal(full[k], exported[k]) for k in full)
-            out["export_equal"] = same
-            # The export keeps the policy's generation config (Record set a marker only it holds),
-            # not one rebuilt from the model config.
-            exported_gc = json.loads(Path(out_dir, "hf", "generation_config.json").read_text())
-            out["generation_config_kept"] = exported_gc.get("fsdp2_marker") == "kept"
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
