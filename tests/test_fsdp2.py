@@ -64,31 +64,38 @@ def sft(tokenizer_dir, tmp_path_factory) -> Stage:
     return Stage("sft", "", tokenizer_dir, data, root)
 
 
+def write_pairs(path: Path, offset: int) -> Path:
+    """16 preference pairs; the rejected word is ``offset`` places after the chosen one in WORDS."""
+    path.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
+                                        "rejected": f" {WORDS[(i + offset) % 6]} plot."}) + "\n"
+                            for i in range(16)))  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="module")
 def dpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
     root = tmp_path_factory.mktemp("fsdp2_dpo")
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
-                                        "rejected": f" {WORDS[(i + 2) % 6]} plot."}) + "\n"
-                            for i in range(16)))  # fmt: skip
+    data = write_pairs(root / "pairs.jsonl", offset=2)
     return Stage("dpo", policy_export["sft"], policy_export["tokenizer"], data, root)
+
+
+def prompt_stage(name: str, files: dict, tmp_path_factory) -> Stage:
+    """An online-RL stage on PROMPTS, from ``files``' SFT policy (and the reward model beside it)."""
+    root = tmp_path_factory.mktemp(f"fsdp2_{name}")
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return Stage(name, files["sft"], files["tokenizer"], data, root)
 
 
 @pytest.fixture(scope="module")
 def grpo(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
-    root = tmp_path_factory.mktemp("fsdp2_grpo")
-    data = root / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return Stage("grpo", policy_export["sft"], policy_export["tokenizer"], data, root)
+    return prompt_stage("grpo", policy_export, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def reward(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
     root = tmp_path_factory.mktemp("fsdp2_reward")
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" {WORDS[i % 6]} film.",
-                                        "rejected": f" {WORDS[(i + 3) % 6]} plot."}) + "\n"
-                            for i in range(16)))  # fmt: skip
+    data = write_pairs(root / "pairs.jsonl", offset=3)
     (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Review {i}:", "response": f" {w} film."}) + "\n"
                                             for i, w in enumerate(WORDS)))  # fmt: skip
     return Stage("reward", policy_export["sft"], policy_export["tokenizer"], data, root)
@@ -96,10 +103,7 @@ def reward(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def ppo(exports, tmp_path_factory) -> Stage:  # noqa: F811
-    root = tmp_path_factory.mktemp("fsdp2_ppo")
-    data = root / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return Stage("ppo", exports["sft"], exports["tokenizer"], data, root)
+    return prompt_stage("ppo", exports, tmp_path_factory)
 
 
 def check_matches_ddp(stage: Stage, atol: float = 0.0) -> None:
