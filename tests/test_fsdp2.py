@@ -98,7 +98,7 @@ def reward(policy_export, tmp_path_factory) -> Stage:  # noqa: F811
     data = write_pairs(root / "pairs.jsonl", offset=3)
     (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Review {i}:", "response": f" {w} film."}) + "\n"
                                             for i, w in enumerate(WORDS)))  # fmt: skip
-    return Stage("reward", policy_export["sft"], policy_export["tokenizer"], data, root)
+    return Stage("reward_lora", policy_export["sft"], policy_export["tokenizer"], data, root)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,7 @@ def check_matches_ddp(stage: Stage, atol: float = 0.0) -> None:
         assert r["sharded"] and r["local_numel"] < r["full_numel"]
         assert r["sampling_matches"]  # ranks sampled 3 and 8 tokens: no hang, the plain copy's tokens
         assert r["chunked"]  # the sharded policy's log-probs never built the full logits
+        assert r["frozen_sharded"]  # reference and reward model: no copy whole on every rank
     assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"]  # each weight split across the ranks
     # One model: the gathered weights are the same on both ranks, and training moved them.
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
@@ -127,7 +128,8 @@ def check_matches_ddp(stage: Stage, atol: float = 0.0) -> None:
     # Plain transformers loads the export (no rlhf_lightning, no process group).
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto, prefix = (AutoModelForSequenceClassification, "reward_model.model.") if stage.name == "reward" else (
+    reward = stage.name.startswith("reward")
+    auto, prefix = (AutoModelForSequenceClassification, "reward_model.model.") if reward else (
         AutoModelForCausalLM, "policy.")  # fmt: skip
     exported = auto.from_pretrained(stage.root / "fsdp2" / "hf").state_dict()
     if "lora" not in stage.name:  # a LoRA export is merged: its outputs were compared instead
@@ -158,8 +160,9 @@ def test_sft_under_fsdp2_matches_ddp(sft):
 
 @pytest.mark.slow
 def test_dpo_under_fsdp2_matches_ddp(dpo):
-    """The policy sharded, the reference a frozen copy of the export, whole on every rank."""
+    """The policy sharded, and the reference (a frozen copy of the export) as well."""
     check_matches_ddp(dpo)
+    assert dpo.whole[0]["frozen"] == ["ref_policy"]
 
 
 @pytest.mark.slow
@@ -185,18 +188,21 @@ def test_grpo_under_fsdp2_matches_ddp(grpo):
 
 
 @pytest.mark.slow
-def test_reward_model_under_fsdp2_matches_ddp(reward):
+def test_reward_model_with_lora_under_fsdp2_matches_ddp(reward):
     """The RewardModel wrapper is the FSDP2 root (its forward calls the backbone and the score
-    head directly); the normalisation scores with it on every rank; the export is its
-    ``*ForSequenceClassification``, gathered out of the wrapper."""
+    head directly), with LoRA on the backbone and the score head trained in full; the
+    normalisation scores with it on every rank; the export is its ``*ForSequenceClassification``,
+    gathered out of the wrapper with the adapter rebuilt, then merged."""
     check_matches_ddp(reward)
 
 
 @pytest.mark.slow
 def test_ppo_under_fsdp2_matches_ddp(ppo):
     """Policy and separate critic sharded (the critic called through ``values``, registered as
-    an FSDP2 forward), the frozen reference and reward model whole on every rank."""
+    an FSDP2 forward), and the frozen reference and reward model (gathered for each forward,
+    the root resharded after it)."""
     check_matches_ddp(ppo)
+    assert ppo.whole[0]["frozen"] == ["ref_policy", "reward_model"]
     assert {k.split(".")[0] for k in ppo.weights("fsdp2")} == {"policy", "critic"}
 
 
@@ -211,9 +217,10 @@ def test_ppo_under_fsdp2_resumes_exactly(ppo):
 
 @pytest.mark.slow
 def test_ppo_with_lora_under_fsdp2_matches_ddp(ppo):
-    """LoRA adapters on the sharded policy and critic (frozen base weights sharded with them),
-    the reference the policy with its adapter off; the merged export gives the sharded
-    policy's outputs. Gradient clipping is on: the norm of sharded gradients is summed in
+    """LoRA adapters on the sharded policy (frozen base weights sharded with them), the
+    reference the policy with its adapter off, the critic a value head on the policy's hidden
+    states (sharded on its own); the merged export gives the sharded policy's outputs.
+    Gradient clipping is on: the norm of sharded gradients is summed in
     another order than DDP's, so the weights agree to an ulp rather than bit for bit."""
     check_matches_ddp(Stage("ppo_lora", ppo.model, ppo.tokenizer, ppo.data, ppo.root / "lora"), atol=1e-6)
 
@@ -231,12 +238,12 @@ def test_fsdp2_refuses_what_it_would_not_synchronise(tokenizer_dir):
     module = SFTModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer=tokenizer_dir)
     module.build_models()
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        module.shard_trainable(fake_mesh(1, 2))
+        module.shard_models(fake_mesh(1, 2))
     # A trainable model that is not called through a transformers forward would stay whole
     # on each rank with nothing averaging its gradients: refused before anything is sharded.
     module.head = torch.nn.Linear(2, 2)
     with pytest.raises(NotImplementedError, match=r"cannot shard head \(Linear\)"):
-        module.shard_trainable(fake_mesh(2, 1))
+        module.shard_models(fake_mesh(2, 1))
     assert not any(type(m).__name__.startswith("FSDP") for m in module.modules())
 
 
@@ -247,4 +254,4 @@ def test_dpo_under_fsdp2_refuses_a_precomputed_reference(tokenizer_dir):
     module = DPOModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer=tokenizer_dir, precompute_ref_logps=True)
     module.build_models()
     with pytest.raises(NotImplementedError, match="precompute_ref_logps=false"):
-        module.shard_trainable(fake_mesh(2, 1))
+        module.shard_models(fake_mesh(2, 1))

@@ -132,9 +132,15 @@ def linear_head(model: nn.Module, input_ids: torch.Tensor) -> LinearHead | None:
     if split is None:
         return None
     if model not in _REPRODUCES:
-        # Sharded: every rank gathers the weights for the check (its first forward, on every rank).
+        # Sharded: every rank gathers the weights for the check (its first forward, on every
+        # rank) and the ranks agree on the answer, so all of them take the same path.
         with full_parameters(model):
-            _REPRODUCES[model] = _reproduces_logits(model, split, input_ids)
+            ok = _reproduces_logits(model, split, input_ids)
+        if is_sharded(model):
+            flag = torch.tensor([int(ok)], device=split.head.weight.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item())
+        _REPRODUCES[model] = ok
         if not _REPRODUCES[model]:
             log.warning("%s: logits are not head(hidden states); log-probs use the full logits", type(model).__name__)
     return split if _REPRODUCES[model] else None
@@ -149,8 +155,9 @@ def _split_logprobs(
     temperature: float,
     rows: int,
     with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(B*A,)`` log-probs, entropy (or None) and ``(B, A, H)`` hidden states through the split."""
+    with_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(B*A,)`` log-probs, entropy (or None) and ``(B, A, H)`` hidden states (or None) through the split."""
     out = split.decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -168,7 +175,7 @@ def _split_logprobs(
         rows,
         with_entropy,
     )
-    return logps, entropy, hidden
+    return logps, entropy, hidden if with_hidden else None
 
 
 _SHARDED_SPLIT = "rlhf_split_logprobs"  # the method name on a sharded model
@@ -248,11 +255,11 @@ def response_logprobs(
         run = _sharded_split_method(model) if is_sharded(model) else _split_logprobs
         rows = chunk_rows(chunk_size, split.head.out_features)
         logps, entropy, hidden = run(split, input_ids, attention_mask, response_start, labels, temperature, rows,
-                                     with_entropy)  # fmt: skip
+                                     with_entropy, with_hidden)  # fmt: skip
         return ResponseOutputs(
             logprobs=logps.view(labels.shape),
             entropy=None if entropy is None else entropy.view(labels.shape),
-            hidden=hidden if with_hidden else None,
+            hidden=hidden,
         )
     kwargs = {"output_hidden_states": True} if with_hidden else {}
     keep = _takes_logits_to_keep(type(model))

@@ -1,11 +1,13 @@
 """Fully sharded data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` hands
-each system a device mesh; :meth:`RLHFSystem.configure_model` then shards every trainable
-model with :func:`shard` (frozen models stay whole on every rank). FSDP2 runs on CUDA
+each system a device mesh; :meth:`RLHFSystem.configure_model` then shards its models with
+:func:`shard`: the trained ones, and the frozen reference and reward model, which gather
+their weights block by block for each forward like the trained ones. FSDP2 runs on CUDA
 with NCCL and on the CPU with gloo, so the same code is tested on two CPU processes.
 
-Two things need every rank at once, because they all-gather:
+Every forward of a sharded model all-gathers, so the ranks run the same forwards in the
+same order (equal batch counts, as the distributed samplers give). Two things need more:
 
 * **sampling** (:func:`full_parameters`): the decode loop's forwards must not each gather
   the weights, since ranks stop at different steps (their rows end with EOS at different
@@ -54,7 +56,10 @@ def holds_shards(state: Mapping[str, Any]) -> bool:
     return any(isinstance(v, DTensor) for v in state.values())
 
 
-def shard(model: nn.Module, mesh) -> nn.Module:
+_RESHARD_ROOT = "_rlhf_reshard_root"  # set on a root by shard(): whether it reshards after forward
+
+
+def shard(model: nn.Module, mesh, frozen: bool = False) -> nn.Module:
     """``fully_shard`` each transformer block of ``model`` (``_no_split_modules``), then the whole.
 
     One all-gather per block keeps the peak memory of a forward at about one block's full
@@ -68,6 +73,10 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     same gathering (``register_fsdp_forward_method``). LoRA layers injected into the
     blocks are sharded with them (frozen and trained weights in one group; only the
     trained ones get gradients to reduce).
+
+    ``frozen``: a model that only runs forwards (reference, reward model) frees its root
+    group's gathered weights after each forward too; a trained root keeps them for the
+    backward that follows (FSDP2's default).
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -77,7 +86,8 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     for m in model.modules():
         if type(m).__name__ in blocks:
             fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
+    model.__dict__[_RESHARD_ROOT] = frozen
     for method in getattr(model, "fsdp_forward_methods", ()):
         register_fsdp_forward_method(model, method)
     return model
@@ -89,7 +99,7 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
     A collective: every rank enters together. Inside, forwards run no collective at all,
     so ranks may run different numbers of them (sampling until their own rows end).
-    Reshard-after-forward goes back to :func:`shard`'s setting (blocks on, root off).
+    Reshard-after-forward goes back to :func:`shard`'s setting (blocks on, a trained root off).
     """
     modules = fsdp_modules(model)
     if not modules:
@@ -102,7 +112,8 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         modules[0].set_reshard_after_forward(True)
-        modules[0].set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+        root_reshards = bool(modules[0].__dict__.get(_RESHARD_ROOT, False))  # FSDP2's default for a root: False
+        modules[0].set_reshard_after_forward(root_reshards, recurse=False)
         for m in modules:
             m.reshard()
 
@@ -111,6 +122,8 @@ def sharded_root(model: nn.Module, within: nn.Module | None = None) -> tuple[nn.
     """The FSDP2 root that holds ``model`` and ``model``'s key prefix in it, or None when
     ``model`` is not sharded. ``model`` may be the root itself, or a part of a root among
     ``within``'s modules (the ``transformers`` model inside a sharded reward model)."""
+    if not torch.distributed.is_available():  # a torch build without distributed: nothing is sharded
+        return None
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):

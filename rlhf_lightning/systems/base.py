@@ -88,21 +88,21 @@ class RLHFSystem(ExactResume, L.LightningModule):
             self.build_models()
             self._models_built = True
             if self.device_mesh is not None:  # ModelParallelStrategy
-                self.shard_trainable(self.device_mesh)
+                self.shard_models(self.device_mesh)
             self.trainable_params = self._count_trainable()
             n, total = self.trainable_params
             rank_zero_info(
                 f"{type(self).__name__}: trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.2f}%)"
             )
 
-    def shard_trainable(self, mesh) -> None:
-        """FSDP2: shard every trainable model over the data-parallel ranks (``models/sharding.py``).
+    def shard_models(self, mesh) -> None:
+        """FSDP2: shard the system's models over the data-parallel ranks (``models/sharding.py``).
 
-        Frozen models stay whole on every rank: they only run forwards (sharding them too is
-        the next step for models that do not fit a device). A trainable model is a
-        ``transformers`` model (LoRA adapters included) or one of the wrappers whose calls
-        go through FSDP2's gathering (the reward model, the critics: ``fsdp_forward_methods``);
-        anything else fails here rather than train unsynchronised on each rank.
+        A trainable model is a ``transformers`` model (LoRA adapters included) or one of the
+        wrappers whose calls go through FSDP2's gathering (the reward model, the critics:
+        ``fsdp_forward_methods``); anything else fails here rather than train unsynchronised
+        on each rank. Frozen models of those kinds (reference, reward model) are sharded too
+        and gather their weights for each forward, so none is held whole on every rank.
         """
         if mesh["tensor_parallel"].size() > 1:
             raise ValueError(
@@ -119,6 +119,10 @@ class RLHFSystem(ExactResume, L.LightningModule):
                 raise NotImplementedError(f"FSDP2 cannot shard {name} ({type(child).__name__}) yet")
         for child in trainable.values():
             shard(child, mesh["data_parallel"])
+        for name in list(self._frozen):
+            child = getattr(self, name, None)
+            if isinstance(child, PreTrainedModel | RewardModel):
+                shard(child, mesh["data_parallel"], frozen=True)
 
     @property
     def lora(self) -> LoraSettings | None:

@@ -1,9 +1,9 @@
 """Run a stage under FSDP2 (ModelParallelStrategy) on 2 CPU processes, recording each rank (test_fsdp2.py).
 
-    python tests/scripts/fsdp2_stage.py {sft,dpo,dpo_cached,grpo,reward,ppo,ppo_lora} MODEL_OR_EMPTY TOKENIZER \
-        DATA OUT_DIR {fsdp2,ddp} [PHASE]
+    python tests/scripts/fsdp2_stage.py {sft,dpo,dpo_cached,grpo,reward_lora,ppo,ppo_lora} MODEL_OR_EMPTY \
+        TOKENIZER DATA OUT_DIR {fsdp2,ddp} [PHASE]
 
-``reward`` reads SFT demonstrations for its normalisation from ``sft.jsonl`` beside DATA;
+``reward_lora`` reads SFT demonstrations for its normalisation from ``sft.jsonl`` beside DATA;
 ``ppo`` and ``ppo_lora`` read the reward model from ``rm`` beside MODEL. Lightning's
 launcher starts the second rank by running this file again. Each rank writes
 ``OUT_DIR/rank{r}.json`` with its losses and rank 0 saves the trained (gathered) weights,
@@ -87,7 +87,7 @@ def system(stage: str, model: str, tokenizer: str, data: str):
     if stage == "sft":
         dm = SFTDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=4)
         return SFTModule(model_config=TINY, tokenizer=tokenizer), dm, "sft/loss"
-    if stage in ("dpo", "dpo_cached"):  # the reference: a frozen copy of the export, whole on every rank
+    if stage in ("dpo", "dpo_cached"):  # the reference: a frozen copy of the export, sharded like the policy
         dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
         module = DPOModule(
             model=model,
@@ -96,15 +96,20 @@ def system(stage: str, model: str, tokenizer: str, data: str):
             precompute_ref_logps=stage == "dpo_cached",  # DDP only: FSDP2 refuses it
         )
         return module, dm, "dpo/loss"
-    if stage == "reward":  # the RewardModel wrapper sharded as the root; its normalisation scores on every rank
+    if stage == "reward_lora":
+        # The RewardModel wrapper is the FSDP2 root; LoRA on its backbone, the score head trained in
+        # full (peft's modules_to_save); the normalisation scores with it on every rank.
         dm = PreferenceDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2)
-        module = RewardModule(model=model, tokenizer=tokenizer, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+        module = RewardModule(
+            model=model, tokenizer=tokenizer, lora=LoraSettings(r=4, alpha=8.0),
+            optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+        )  # fmt: skip
         return module, dm, "rm/loss"
     dm = PromptDataModule(tokenizer=tokenizer, train_file=data, val_fraction=0.0, batch_size=2, max_prompt_length=16)
     if stage in ("ppo", "ppo_lora"):
-        # A separate critic (sharded, called through ``values``), two updates per rollout, an
-        # adaptive KL coefficient; with LoRA: adapters on policy and critic, the reference the
-        # policy with its adapter off, gradient clipping on.
+        # Two updates per rollout, an adaptive KL coefficient. ``ppo``: a separate critic (sharded,
+        # called through ``values``); ``ppo_lora``: LoRA on the policy, whose reference is then the
+        # policy with its adapter off, a value head on the policy as critic, gradient clipping on.
         exports = {"sft": model, "rm": str(Path(model).with_name("rm")), "tokenizer": tokenizer}
         module = make_ppo(
             exports,
@@ -113,6 +118,7 @@ def system(stage: str, model: str, tokenizer: str, data: str):
             kl_horizon=10,
             ppo_epochs=2,
             lora=LoraSettings(r=4, alpha=8.0) if stage == "ppo_lora" else None,
+            shared_value_head=stage == "ppo_lora",
             # Clipping sums the squared gradient norms in another order than DDP does (per shard,
             # then across ranks), which moves the weights by an ulp: left on with LoRA only.
             max_grad_norm=1.0 if stage == "ppo_lora" else None,
@@ -179,12 +185,14 @@ def export_checks(module, full: dict[str, torch.Tensor], path: Path, rank: int) 
     exported = plain.state_dict()
     ours = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
     gc = {} if reward else json.loads((path / "generation_config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
     same = sorted(ours) == sorted(exported) and all(torch.equal(ours[k], exported[k]) for k in ours)
     return {
         "export_equal": lora or same,
         "export_outputs_match": bool(torch.allclose(out, sharded_out, rtol=0, atol=1e-5 if lora else 0)),
         "generation_config_kept": reward or gc.get("fsdp2_marker") == "kept",
-        "normalization_exported": not reward or "rlhf_reward_gain" in json.loads((path / "config.json").read_text()),
+        # RewardNormalization ran (a built model's gain is 1.0) and the export carries its gain.
+        "normalization_exported": not reward or config.get("rlhf_reward_gain") == trained_model.gain != 1.0,
     }
 
 
@@ -213,7 +221,7 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
     ckpt_dir = Path(out_dir, "ckpt")
     if phase == "whole":
         callbacks = [record, HFExport(str(Path(out_dir, "hf")))]
-        if stage == "reward":  # before the export, as in configs/reward.yaml
+        if stage == "reward_lora":  # before the export, as in configs/reward.yaml
             samples = str(Path(data).with_name("sft.jsonl"))
             callbacks.insert(1, RewardNormalization(samples_file=samples, max_samples=8, batch_size=4))
     else:  # a checkpoint after every step, as ``cut`` leaves it and ``resume`` starts from it
@@ -249,6 +257,11 @@ def main(stage: str, model: str, tokenizer: str, data: str, out_dir: str, strate
             "sharded": all(isinstance(p, DTensor) for p in weights),
             "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
             "full_numel": sum(p.numel() for p in weights),
+            # The frozen reference and reward model are sharded too (none whole on every rank).
+            "frozen": sorted(n for n in module._frozen if getattr(module, n, None) is not None),
+            "frozen_sharded": all(
+                isinstance(p, DTensor) for n in module._frozen for p in getattr(module, n).parameters()
+            ),
             "before": record.before,
             "after": checksum(module),
             "sampling_matches": sampling_matches(module, trainer.global_rank) if hasattr(module, "policy") else True,
