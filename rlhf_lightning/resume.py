@@ -8,6 +8,11 @@ gets, besides what Lightning writes:
   one did long before);
 * ``log_rows``: where each :class:`~rlhf_lightning.loggers.ResumableCSVLogger` file
   continues;
+* ``wandb_run_ids``: the id of each ``WandbLogger``'s run; ``rlhf-lightning fit --ckpt_path``
+  gives them back to the loggers the config names (:func:`continue_wandb_runs`), so the
+  resumed run logs on to the same W&B run (Lightning's logger resumes a run it is given the
+  id of). Steps after the checkpoint that the interrupted run had logged are logged again
+  with the same values, since the resume is exact;
 * ``mid_batch``: whether it was written in the middle of a batch (on an exception, by
   ``ModelCheckpoint(save_on_exception=True)``). The resumed run does that batch again, so
   such a checkpoint holds the RNG streams and log position of the batch's start, and
@@ -20,9 +25,11 @@ the online-RL state (KL controller, iteration, rollout buffer) is the system's o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.loggers import log_positions, resume_logs, start_resumed_logs
@@ -33,6 +40,53 @@ def _mid_batch(trainer: L.Trainer) -> bool:
     """Whether a batch has been drawn and not yet trained on (a save on an exception)."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return trainer.training and progress.ready > progress.processed
+
+
+def _is_wandb(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger  # does not import wandb
+
+    return isinstance(logger, WandbLogger)
+
+
+def checkpoint_extras(ckpt_path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents without reading its weights (memory-mapped), or of a sharded
+    checkpoint's ``meta.pt``; ``{}`` when there is no such file (``last``, a hub path, ...)."""
+    path = Path(ckpt_path)
+    if path.is_dir():  # FSDP2/ModelParallelStrategy: weights in shards, the rest in meta.pt
+        path = path / "meta.pt"
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # hyperparameters that are objects: the same file Lightning is about to load
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def continue_wandb_runs(trainer_config: Any, ckpt_path: str | Path) -> list[str]:
+    """Give each ``WandbLogger`` in ``trainer_config.logger`` (a parsed config, before the
+    loggers are built) the id of the run it logged to when ``ckpt_path`` was written, unless
+    the config sets one (``id`` or ``version``). Returns the ids given."""
+    ids = list(checkpoint_extras(ckpt_path).get("wandb_run_ids") or [])
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    given = []
+    for logger in loggers:
+        class_path = getattr(logger, "class_path", None) if logger is not None else None
+        if not ids or not isinstance(class_path, str) or not class_path.endswith("WandbLogger"):
+            continue
+        run_id = ids.pop(0)
+        init = logger.init_args
+        if init.get("id") is None and init.get("version") is None and run_id:
+            init["id"] = run_id
+            given.append(run_id)
+    return given
+
+
+def finish_wandb_runs(trainer: L.Trainer) -> None:
+    """End the W&B run of each of ``trainer``'s ``WandbLogger`` that started one."""
+    for logger in trainer.loggers:
+        if _is_wandb(logger) and logger._experiment is not None and hasattr(logger._experiment, "finish"):
+            logger._experiment.finish()
 
 
 class ExactResume:
@@ -53,6 +107,9 @@ class ExactResume:
         if trainer is not None:
             rows = self._log_rows_after_batch if mid_batch else None
             checkpoint["log_rows"] = rows if rows is not None else log_positions(trainer)
+            ids = [lg.version for lg in trainer.loggers if _is_wandb(lg)]
+            if ids:
+                checkpoint["wandb_run_ids"] = ids
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

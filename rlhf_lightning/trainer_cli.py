@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from transformers.utils import logging as hf_logging
 
 from rlhf_lightning.callbacks import NonFiniteGuard
+from rlhf_lightning.resume import continue_wandb_runs, finish_wandb_runs
 from rlhf_lightning.rundir import RunDirLock, is_launcher_child
 
 # Interpolations such as ${inputs.sft} are written relative to the subcommand's config
@@ -56,12 +57,21 @@ class RLHFCLI(LightningCLI):
         # Always on: a non-finite loss or gradient stops the run (or, --nonfinite.action=skip, skips the step).
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
 
+    def before_instantiate_classes(self) -> None:
+        # A run resumed from a checkpoint logs on to the W&B run it started (resume.py).
+        sub = self.config.get(self.subcommand) if self.subcommand else None
+        if sub is not None and sub.get("ckpt_path"):
+            continue_wandb_runs(sub.trainer, sub.ckpt_path)
+
     def before_fit(self) -> None:
         # One run per directory (rundir.py); the DDP launcher's other ranks share rank 0's lock.
         if not is_launcher_child():
             self._run_lock = RunDirLock(self.trainer.default_root_dir).acquire()
 
     def after_fit(self) -> None:
+        # Each stage is a W&B run of its own: without this, the next stage run in this process
+        # (pipeline, sweep) would log into the same one.
+        finish_wandb_runs(self.trainer)
         lock = getattr(self, "_run_lock", None)
         if lock is not None:
             lock.release()

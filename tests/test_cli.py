@@ -191,3 +191,27 @@ def test_reward_functions_from_the_command_line(demo_workspace, tmp_path, monkey
         ]
     )
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_resumed_run_logs_on_to_its_wandb_run(demo_workspace, monkeypatch, tmp_path):
+    """``fit --ckpt_path`` gives a config's WandbLogger the id of the run the checkpoint was
+    logged to (``resume.continue_wandb_runs``): one W&B run, not one per restart."""
+    monkeypatch.chdir(demo_workspace)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overlay = tmp_path / "wandb.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"project": "resume-test", "save_dir": str(tmp_path), "offline": True}},
+    ]}}))  # fmt: skip
+    common = ["fit", "-c", str(CONFIGS / "sft.yaml"), "-c", str(overlay), f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"]  # fmt: skip
+    cli_main([*common, "--trainer.max_epochs=1"])  # two steps; last.ckpt at the epoch's end
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    first = torch.load(ckpt, weights_only=True)["wandb_run_ids"]
+    assert len(first) == 1 and first[0]
+    cli = cli_main([*common, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
+    assert cli.trainer.global_step == 4 and cli.trainer.logger.version == first[0]
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{first[0]}") for r in runs)  # two segments, one run id
+    assert torch.load(ckpt, weights_only=True)["wandb_run_ids"] == first
