@@ -118,17 +118,25 @@ def quiet_known_false_alarms() -> None:
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
     """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (``sys.argv`` when None)."""
-    return RLHFCLI(
-        model_class=L.LightningModule,
-        datamodule_class=L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_class=ConciseParser,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        args=args,
-        run=run,
-    )
+    try:
+        return RLHFCLI(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_class=ConciseParser,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            args=args,
+            run=run,
+        )
+    except BaseException:
+        # A failed stage's W&B run ends here, marked failed, so that a next stage or sweep point
+        # run in this process starts its own instead of logging into it.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=1)
+        raise
 
 
 class _ParseOnly(RLHFCLI):

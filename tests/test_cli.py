@@ -215,3 +215,27 @@ def test_resumed_run_logs_on_to_its_wandb_run(demo_workspace, monkeypatch, tmp_p
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{first[0]}") for r in runs)  # two segments, one run id
     assert torch.load(ckpt, weights_only=True)["wandb_run_ids"] == first
+
+
+def test_a_failed_run_ends_its_wandb_run(demo_workspace, monkeypatch, tmp_path):
+    """A stage that fails ends its W&B run, so the next one run in the same process (a sweep
+    point after a failed one) starts its own rather than logging into it."""
+    import wandb
+
+    from rlhf_lightning.systems.sft import SFTModule
+
+    monkeypatch.chdir(demo_workspace)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def fail(self, batch, batch_idx):
+        self.log("sft/loss", 1.0)  # the logger starts its run
+        raise RuntimeError("failed stage")
+
+    monkeypatch.setattr(SFTModule, "training_step", fail)
+    with pytest.raises(RuntimeError, match="failed stage"):
+        cli_main(["fit", "-c", str(CONFIGS / "sft.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+                  '--trainer.logger=[{"class_path": "lightning.pytorch.loggers.WandbLogger", '
+                  f'"init_args": {{"project": "t", "save_dir": "{tmp_path}", "offline": true}}}}]'])  # fmt: skip
+    assert list((tmp_path / "wandb").glob("offline-run-*")) and wandb.run is None
