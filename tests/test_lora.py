@@ -138,6 +138,9 @@ def test_sft_exports_merged_by_default_and_adapter_on_request(files, tmp_path):
     assert is_adapter_dir(adapter_dir) and (adapter_dir / "tokenizer_config.json").is_file()
     plain_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["sft"]), adapter_dir).eval()
     torch.testing.assert_close(plain_peft(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    # Plain transformers loads it too (with peft installed: the base from the adapter config).
+    auto = AutoModelForCausalLM.from_pretrained(adapter_dir).eval()
+    torch.testing.assert_close(auto(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
     # The next stage, started from the adapter-only export, has the SFT policy (not the bare
     # base) as its policy and reference.
