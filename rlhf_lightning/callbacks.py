@@ -1,5 +1,5 @@
-"""Callbacks: Hugging Face export at the end of fit, the non-finite guard, JSONL prediction
-writing, sample tables.
+"""Callbacks: Hugging Face export at the end of fit, checkpoints that resume exactly, the
+non-finite guard, JSONL prediction writing, sample tables.
 
 The training-time evaluation callback is :class:`rlhf_lightning.eval.GoldRewardEval`.
 """
@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rlhf_lightning.loggers import samples_file
@@ -50,6 +51,28 @@ class HFExport(L.Callback):
             path = pl_module.export_hf(self.export_path(trainer), model)
             log.info("exported %s to %s", type(pl_module).__name__, path)
         trainer.strategy.barrier()
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (same arguments), whose ``save_on_exception`` writes only a
+    checkpoint the run can be resumed from exactly.
+
+    An exception in the middle of a batch that has already updated the weights (an online-RL
+    iteration part-way through its updates) or left gradients of an accumulation window would
+    give a checkpoint whose resume does that batch again from the wrong weights. Then nothing is
+    written, ``last.ckpt`` stays the last exact checkpoint, and a warning says so (the system
+    decides: ``ExactResume.exactly_resumable_now``).
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        exact = getattr(pl_module, "exactly_resumable_now", None)
+        if self.save_on_exception and exact is not None and not exact():
+            rank_zero_warn(
+                f"{type(exception).__name__} in the middle of a batch that had already updated the model: no "
+                f"checkpoint written for it (it would not resume exactly); resume from {self.last_model_path or 'none'}"
+            )
+            return
+        super().on_exception(trainer, pl_module, exception)
 
 
 class NonFiniteError(RuntimeError):

@@ -17,7 +17,10 @@ gets, besides what Lightning writes:
   ``ModelCheckpoint(save_on_exception=True)``). The resumed run does that batch again, so
   such a checkpoint holds the RNG streams and log position of the batch's start, and
   Lightning's logging step, which a restart counts one too far for such a checkpoint, is
-  set back.
+  set back. That is exact only while the batch has not changed the weights nor left
+  gradients to accumulate (:meth:`ExactResume.exactly_resumable_now`); past that point
+  ``rlhf_lightning.callbacks.ModelCheckpoint`` writes nothing on the exception and the last
+  checkpoint stays the one to resume from.
 
 The position in the data is the training loader's (``data/samplers.ResumableDataLoader``);
 the online-RL state (KL controller, iteration, rollout buffer) is the system's own.
@@ -93,6 +96,7 @@ class ExactResume:
     """LightningModule hooks that make a run resumed from a checkpoint continue the very same run."""
 
     _rng_to_restore: list[dict[str, Any]] | None = None
+    _step_at_batch_start: int | None = None  # optimizer steps taken when the current batch started
     _rng_after_batch: dict[str, Any] | None = None  # this rank's streams as the last batch ended
     _log_rows_after_batch: dict[str, int] | None = None
     _logs_resumed = False
@@ -148,7 +152,20 @@ class ExactResume:
             )
         self._mark_batch_end()
 
+    def exactly_resumable_now(self) -> bool:
+        """Whether a checkpoint written now continues the run exactly: between batches, or in a
+        batch that has taken no optimizer step yet and starts an accumulation window (a
+        checkpoint holds no gradients, so a window's earlier micro-batches would be lost)."""
+        trainer = self._trainer
+        if trainer is None or not _mid_batch(trainer):
+            return True
+        if self._step_at_batch_start is not None and trainer.global_step != self._step_at_batch_start:
+            return False
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return not self.automatic_optimization or done % trainer.accumulate_grad_batches == 0
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        self._step_at_batch_start = self.trainer.global_step
         out = super().on_train_batch_start(batch, batch_idx)
         if self._logs_resumed:
             # The step Lightning logs this batch's metrics at (its LearningRateMonitor reads it so).

@@ -10,9 +10,10 @@ import json
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 
+from rlhf_lightning.callbacks import ModelCheckpoint
 from rlhf_lightning.data.datamodules import PreferenceDataModule, SFTDataModule
 from rlhf_lightning.data.samplers import EpochShuffleSampler, ResumableDataLoader
 from rlhf_lightning.loggers import ResumableCSVLogger
@@ -66,17 +67,20 @@ class Memory(Logger):
         self.rows.append((step, kept))
 
 
-def run(make_module, make_data, root, *, kill_at=None, mid_batch=False, resume=False, callbacks=(), **trainer_kw):
-    """Fit in a fresh Trainer; returns (module, in-memory rows). Checkpoints go to ``root/ckpt``."""
+def run(make_module, make_data, root, *, kill_at=None, mid_batch=False, resume=False, callbacks=(), crash=None,
+        **trainer_kw):  # fmt: skip
+    """Fit in a fresh Trainer; returns (module, in-memory rows). Checkpoints go to ``root/ckpt``.
+    ``crash``: a callback that raises :class:`Killed` somewhere, in place of ``Kill(kill_at)``."""
     L.seed_everything(0)
     module, memory = make_module(), Memory()
     ckpt_kw = trainer_kw.pop("ckpt", {"every_n_train_steps": 1})
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=1, **ckpt_kw)
+    killer = crash if crash is not None else Kill(kill_at, mid_batch) if kill_at is not None else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         logger=[memory, ResumableCSVLogger(str(root), name="logs", version="")],
-        callbacks=[*callbacks, ckpt, *([Kill(kill_at, mid_batch)] if kill_at is not None else [])],
+        callbacks=[*callbacks, ckpt, *([killer] if killer is not None else [])],
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -84,7 +88,7 @@ def run(make_module, make_data, root, *, kill_at=None, mid_batch=False, resume=F
         **trainer_kw,
     )
     ckpt_path = str(root / "ckpt" / "last.ckpt") if resume else None
-    if kill_at is not None:
+    if killer is not None:
         with pytest.raises(Killed):
             trainer.fit(module, datamodule=make_data(), ckpt_path=ckpt_path)
     else:
@@ -98,14 +102,21 @@ def read_csv(path) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows]
 
 
-def kill_and_resume(make_module, make_data, tmp_path, kill_at, mid_batch=False, redone=0, **trainer_kw):
-    """Run uninterrupted, then killed at ``kill_at`` and resumed; assert everything matches.
+def kill_and_resume(
+    make_module, make_data, tmp_path, kill_at, mid_batch=False, redone=0, crash=None, check_cut=None, **trainer_kw
+):
+    """Run uninterrupted, then killed at ``kill_at`` (or by the ``crash`` callback) and resumed;
+    assert everything matches.
 
     ``redone``: rows the killed run logged after its last checkpoint, which the resumed run logs again.
+    ``check_cut``: called with the killed run's ``last.ckpt`` contents, before the resume.
     """
     whole, whole_rows = run(make_module, make_data, tmp_path / "whole", **trainer_kw)
-    _, first_rows = run(make_module, make_data, tmp_path / "cut", kill_at=kill_at, mid_batch=mid_batch, **trainer_kw)
+    _, first_rows = run(make_module, make_data, tmp_path / "cut", kill_at=kill_at, mid_batch=mid_batch, crash=crash,
+                        **trainer_kw)  # fmt: skip
     assert (tmp_path / "cut/ckpt/last.ckpt").exists()
+    if check_cut is not None:
+        check_cut(torch.load(tmp_path / "cut/ckpt/last.ckpt", weights_only=False))
     resumed, resumed_rows = run(make_module, make_data, tmp_path / "cut", resume=True, **trainer_kw)
     # The killed run logged every row up to the kill; the resumed run logs exactly the rest.
     k = len(whole_rows) - len(resumed_rows)

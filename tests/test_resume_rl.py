@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.models import build_reward_model, load_causal_lm, save_hf
 from rlhf_lightning.rl.rollout import Rollout, RolloutBuffer
 from rlhf_lightning.systems.online_rl import OnlineRLModule
-from tests.test_resume import kill_and_resume
+from tests.test_resume import Killed, kill_and_resume
 
 PROMPTS = ["The movie was", "I hated this film", "Review: a fine story", "The acting was", "A terrible script"]
 
@@ -83,6 +84,48 @@ def test_ppo_killed_iterations_after_its_checkpoint_logs_every_sample_once(expor
     lines = (tmp_path / "cut/samples.jsonl").read_text().splitlines()
     # 3 prompts per rollout, 4 a row at most: 3, 3, 3 and the last prompt of the epoch
     assert [json.loads(line)["iteration"] for line in lines] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+
+
+class CrashBeforeBackward(L.Callback):
+    """Raise as the first update of the iteration that starts at optimizer step ``at_step`` is
+    about to run its backward: rollout, advantages and minibatch shuffle done, no weight changed."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.at_step:
+            raise Killed(f"crashed before the backward of step {self.at_step}")
+
+
+def test_ppo_crashed_before_its_first_update_resumes_from_the_exception_checkpoint(exports, tmp_path):
+    # No periodic checkpoint: the one written on the crash in iteration 3 (mid-batch) is the
+    # only one. It holds the state as the iteration began, the minibatch shuffle's generator
+    # included (the crash came after the shuffle was drawn), so the resumed run redoes the
+    # iteration exactly.
+    make_module = ppo(exports, kl_target=0.01, kl_horizon=10)
+    ckpt = {"every_n_train_steps": 100, "save_on_exception": True}
+
+    def check_cut(state):  # the exception's checkpoint, in the middle of iteration 3
+        assert state["mid_batch"] and state["global_step"] == 8 and state["ppo_state"]["iteration"] == 2
+
+    kill_and_resume(make_module, make_data(exports), tmp_path, kill_at=None, crash=CrashBeforeBackward(8),
+                    check_cut=check_cut, max_epochs=1, ckpt=ckpt)  # fmt: skip
+
+
+def test_ppo_crashed_between_its_updates_writes_no_checkpoint_and_resumes_from_the_last(exports, tmp_path):
+    # Crashed before the optimizer step of iteration 3's third update (two already taken): a
+    # checkpoint of that moment would redo the iteration from moved weights, so none is written
+    # (a warning says so) and last.ckpt stays the step-8 one, which resumes exactly.
+    make_module = ppo(exports)
+    ckpt = {"every_n_train_steps": 4, "save_on_exception": True}
+
+    def check_cut(state):  # the periodic checkpoint after iteration 2
+        assert not state["mid_batch"] and state["global_step"] == 8
+
+    with pytest.warns(UserWarning, match="no checkpoint written for it"):
+        kill_and_resume(make_module, make_data(exports), tmp_path, kill_at=10, mid_batch=True, check_cut=check_cut,
+                        max_epochs=1, ckpt=ckpt)  # fmt: skip
 
 
 def test_grpo_killed_at_an_epoch_boundary_resumes_exactly(exports, tmp_path):

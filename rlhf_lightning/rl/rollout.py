@@ -171,9 +171,16 @@ class RolloutBuffer:
         self._rollouts.clear()
         self._merged = None
 
-    def state_dict(self) -> dict[str, list[dict[str, torch.Tensor | list[str] | None]]]:
-        """The stored rollouts as plain fields (on the CPU), for checkpoints."""
-        return {"rollouts": [r.to("cpu")._tensors() for r in self._rollouts]}
+    def snapshot(self) -> list[Rollout]:
+        """The stored rollouts as of now, for :meth:`state_dict` later (stored rollouts are never
+        changed in place: ``clear`` empties the buffer's own list, ``all`` builds a new one)."""
+        return list(self._rollouts)
+
+    def state_dict(
+        self, rollouts: list[Rollout] | None = None
+    ) -> dict[str, list[dict[str, torch.Tensor | list[str] | None]]]:
+        """The stored rollouts (or a :meth:`snapshot`'s) as plain fields on the CPU, for checkpoints."""
+        return {"rollouts": [r.to("cpu")._tensors() for r in (self._rollouts if rollouts is None else rollouts)]}
 
     def load_state_dict(self, state: dict[str, list[dict[str, torch.Tensor | list[str] | None]]]) -> None:
         self._rollouts = [Rollout(**fields) for fields in state["rollouts"]]

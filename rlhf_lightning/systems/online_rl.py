@@ -178,6 +178,7 @@ class OnlineRLModule(PolicySystem):
             adv.overlong_penalty(torch.zeros(1), self.sampling.max_new_tokens, overlong_buffer)
         self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
         self.iteration = 0
+        self._state_at_batch_start: dict[str, Any] | None = None  # see on_train_batch_start
         self.minibatch_generator = torch.Generator()
         self.learner = Learner(self)
         self.engine: RolloutEngine | None = None
@@ -346,16 +347,34 @@ class OnlineRLModule(PolicySystem):
         log_samples(self.trainer, f"{self.stage}/samples", ["iteration", "prompt", "response", "score"], rows)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out; RNG streams
-        own = {  # each rank's own: its minibatch shuffle and the rollouts it collected towards the next update
-            "minibatch_generator": self.minibatch_generator.get_state(),
-            "buffer": self.buffer.state_dict(),
-        }
-        checkpoint["ppo_state"] = {
+    def _iteration_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the iteration loop, as of now (the buffer as a snapshot)."""
+        return {
             "kl_ctl": self.kl_ctl.state_dict(),
             "iteration": self.iteration,
             "next_group": self.engine._next_group if self.engine is not None else 0,
+            "minibatch_generator": self.minibatch_generator.get_state(),
+            "buffer": self.buffer.snapshot(),
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        # A checkpoint written on an exception in this batch redoes the batch: it holds this
+        # state, not one the batch's sampling (group ids, buffer) or learning has moved on.
+        self._state_at_batch_start = self._iteration_state()
+        return super().on_train_batch_start(batch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # leaves the frozen models out; RNG streams
+        start = getattr(self, "_state_at_batch_start", None)
+        state = start if checkpoint.get("mid_batch") and start is not None else self._iteration_state()
+        own = {  # each rank's own: its minibatch shuffle and the rollouts it collected towards the next update
+            "minibatch_generator": state["minibatch_generator"],
+            "buffer": self.buffer.state_dict(state["buffer"]),
+        }
+        checkpoint["ppo_state"] = {
+            "kl_ctl": state["kl_ctl"],
+            "iteration": state["iteration"],
+            "next_group": state["next_group"],
             "ranks": gather_ranks(own),
         }
 
