@@ -66,7 +66,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         exact = getattr(pl_module, "exactly_resumable_now", None)
-        if self.save_on_exception and exact is not None and not exact():
+        # Every rank decides alike (the save that follows is a collective): all must be exact.
+        if (
+            self.save_on_exception
+            and exact is not None
+            and not trainer.strategy.reduce_boolean_decision(exact(), all=True)
+        ):
             rank_zero_warn(
                 f"{type(exception).__name__} in the middle of a batch that had already updated the model: no "
                 f"checkpoint written for it (it would not resume exactly); resume from {self.last_model_path or 'none'}"

@@ -164,6 +164,17 @@ def _resumable(trainer: L.Trainer) -> list[ResumableCSVLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
 
 
+def flush_logs(trainer: L.Trainer) -> None:
+    """Write every row logged so far to each :class:`ResumableCSVLogger`'s file.
+
+    Called before a checkpoint is written, so that the rows it counts are on disk once it is:
+    a kill between the checkpoint and the logger's ``after_save_checkpoint`` (a barrier apart
+    under DDP) would otherwise leave the file short of them.
+    """
+    for lg in _resumable(trainer):
+        lg.save()
+
+
 def samples_file(trainer: L.Trainer) -> Path:
     """Where :func:`~rlhf_lightning.callbacks.log_samples` writes: ``samples.jsonl`` in the first
     logger's directory (``Trainer.log_dir``, without its broadcast), else in ``default_root_dir``."""

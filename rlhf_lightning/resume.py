@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rlhf_lightning.loggers import log_positions, resume_logs, start_resumed_logs
+from rlhf_lightning.loggers import flush_logs, log_positions, resume_logs, start_resumed_logs
 from rlhf_lightning.rng import gather_ranks, rng_state, set_rng_state
 
 
@@ -51,6 +51,22 @@ def _is_wandb(logger: Any) -> bool:
     return isinstance(logger, WandbLogger)
 
 
+def _is_wandb_class(class_path: Any) -> bool:
+    """Whether a config's ``class_path`` names ``WandbLogger`` or a subclass (as :func:`_is_wandb`)."""
+    import importlib
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
 def checkpoint_extras(ckpt_path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents without reading its weights (memory-mapped), or of a sharded
     checkpoint's ``meta.pt``; ``{}`` when there is no such file (``last``, a hub path, ...)."""
@@ -59,29 +75,33 @@ def checkpoint_extras(ckpt_path: str | Path) -> dict[str, Any]:
         path = path / "meta.pt"
     if not path.is_file():
         return {}
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # hyperparameters that are objects: the same file Lightning is about to load
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # weights_only, as Lightning loads it; mmap needs torch's zip format (a legacy file: without)
+    for mmap in (True, False):
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as err:  # best effort: Lightning reports a checkpoint it cannot load
+            error = err
+    rank_zero_warn(f"could not read {path} for its W&B run ids ({type(error).__name__}: {error})")
+    return {}
 
 
 def continue_wandb_runs(trainer_config: Any, ckpt_path: str | Path) -> list[str]:
     """Give each ``WandbLogger`` in ``trainer_config.logger`` (a parsed config, before the
     loggers are built) the id of the run it logged to when ``ckpt_path`` was written, unless
-    the config sets one (``id`` or ``version``). Returns the ids given."""
+    the config sets one (``id`` or ``version``). Returns the init-args namespaces it set,
+    so that the caller can take the ids out again once the loggers exist."""
     ids = list(checkpoint_extras(ckpt_path).get("wandb_run_ids") or [])
     loggers = trainer_config.get("logger")
     loggers = loggers if isinstance(loggers, list) else [loggers]
     given = []
     for logger in loggers:
-        class_path = getattr(logger, "class_path", None) if logger is not None else None
-        if not ids or not isinstance(class_path, str) or not class_path.endswith("WandbLogger"):
+        if not ids or not _is_wandb_class(getattr(logger, "class_path", None)):
             continue
-        run_id = ids.pop(0)
+        run_id = ids.pop(0)  # in logger order, as on_save_checkpoint stored them
         init = logger.init_args
         if init.get("id") is None and init.get("version") is None and run_id:
             init["id"] = run_id
-            given.append(run_id)
+            given.append(init)
     return given
 
 
@@ -96,7 +116,7 @@ class ExactResume:
     """LightningModule hooks that make a run resumed from a checkpoint continue the very same run."""
 
     _rng_to_restore: list[dict[str, Any]] | None = None
-    _step_at_batch_start: int | None = None  # optimizer steps taken when the current batch started
+    _step_after_batch: int | None = None  # optimizer steps taken as the last batch ended
     _rng_after_batch: dict[str, Any] | None = None  # this rank's streams as the last batch ended
     _log_rows_after_batch: dict[str, int] | None = None
     _logs_resumed = False
@@ -109,6 +129,7 @@ class ExactResume:
         local = self._rng_after_batch if mid_batch and self._rng_after_batch is not None else rng_state()
         checkpoint["rng_states"] = gather_ranks(local)  # one per rank
         if trainer is not None:
+            flush_logs(trainer)
             rows = self._log_rows_after_batch if mid_batch else None
             checkpoint["log_rows"] = rows if rows is not None else log_positions(trainer)
             ids = [lg.version for lg in trainer.loggers if _is_wandb(lg)]
@@ -155,17 +176,21 @@ class ExactResume:
     def exactly_resumable_now(self) -> bool:
         """Whether a checkpoint written now continues the run exactly: between batches, or in a
         batch that has taken no optimizer step yet and starts an accumulation window (a
-        checkpoint holds no gradients, so a window's earlier micro-batches would be lost)."""
+        checkpoint holds no gradients, so a window's earlier micro-batches would be lost).
+
+        An exception inside ``optimizer.step`` itself, once some weights have moved, is not seen
+        (the step is counted when it completes); one in ``on_before_optimizer_step`` (the
+        non-finite guard's) is before any change.
+        """
         trainer = self._trainer
         if trainer is None or not _mid_batch(trainer):
             return True
-        if self._step_at_batch_start is not None and trainer.global_step != self._step_at_batch_start:
+        if self._step_after_batch is not None and trainer.global_step != self._step_after_batch:
             return False
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return not self.automatic_optimization or done % trainer.accumulate_grad_batches == 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        self._step_at_batch_start = self.trainer.global_step
         out = super().on_train_batch_start(batch, batch_idx)
         if self._logs_resumed:
             # The step Lightning logs this batch's metrics at (its LearningRateMonitor reads it so).
@@ -178,6 +203,12 @@ class ExactResume:
         self._mark_batch_end()
 
     def _mark_batch_end(self) -> None:
-        """What a checkpoint written in the middle of the next batch holds: the state as it started."""
+        """What a checkpoint written in the middle of the next batch holds: the state as it started.
+
+        Taken as a batch ends (and as training starts), not in the next batch's
+        ``on_train_batch_start``: Lightning counts the batch as started, and runs the
+        callbacks' hook, before the module's, and an exception there must see this state.
+        """
         self._rng_after_batch = rng_state()
         self._log_rows_after_batch = log_positions(self.trainer)
+        self._step_after_batch = self.trainer.global_step

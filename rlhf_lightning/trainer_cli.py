@@ -57,11 +57,16 @@ class RLHFCLI(LightningCLI):
         # Always on: a non-finite loss or gradient stops the run (or, --nonfinite.action=skip, skips the step).
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
 
-    def before_instantiate_classes(self) -> None:
-        # A run resumed from a checkpoint logs on to the W&B run it started (resume.py).
-        sub = self.config.get(self.subcommand) if self.subcommand else None
-        if sub is not None and sub.get("ckpt_path"):
-            continue_wandb_runs(sub.trainer, sub.ckpt_path)
+    def instantiate_classes(self) -> None:
+        # A training run resumed from a checkpoint logs on to the W&B run it started (resume.py).
+        # The id goes to the loggers only: the config saved with the run keeps the user's.
+        sub = self.config.get("fit") if self.subcommand == "fit" else None
+        given = continue_wandb_runs(sub.trainer, sub.ckpt_path) if sub is not None and sub.get("ckpt_path") else []
+        try:
+            super().instantiate_classes()
+        finally:
+            for init_args in given:
+                init_args["id"] = None
 
     def before_fit(self) -> None:
         # One run per directory (rundir.py); the DDP launcher's other ranks share rank 0's lock.
@@ -71,10 +76,12 @@ class RLHFCLI(LightningCLI):
     def after_fit(self) -> None:
         # Each stage is a W&B run of its own: without this, the next stage run in this process
         # (pipeline, sweep) would log into the same one.
-        finish_wandb_runs(self.trainer)
-        lock = getattr(self, "_run_lock", None)
-        if lock is not None:
-            lock.release()
+        try:
+            finish_wandb_runs(self.trainer)
+        finally:
+            lock = getattr(self, "_run_lock", None)
+            if lock is not None:
+                lock.release()
 
     def parse_arguments(self, parser, args) -> None:
         # LightningCLI's own, minus its warning about ``args`` *and* ``sys.argv``: ``cli_main``

@@ -194,6 +194,31 @@ def test_sft_crashed_mid_batch_resumes_from_the_exception_checkpoint(sft_setup, 
     kill_and_resume(*sft_setup, tmp_path, kill_at=3, mid_batch=True, max_epochs=2, val_check_interval=2, ckpt=ckpt)
 
 
+class CrashInsideWindow(L.Callback):
+    """Raise in the backward of the second micro-batch of the accumulation window that ends at
+    optimizer step ``at_step + 1``: the first micro-batch's gradients are pending."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if trainer.global_step == self.at_step and done % trainer.accumulate_grad_batches == 1:
+            raise Killed(f"crashed inside the window of step {self.at_step + 1}")
+
+
+def test_sft_crashed_inside_an_accumulation_window_resumes_from_the_last_checkpoint(sft_setup, tmp_path):
+    # A checkpoint holds no gradients: one written mid-window would lose the window's first
+    # micro-batch. None is written (a warning says so); last.ckpt stays step 1's.
+    def check_cut(state):
+        assert not state["mid_batch"] and state["global_step"] == 1
+
+    ckpt = {"every_n_train_steps": 1, "save_on_exception": True}
+    with pytest.warns(UserWarning, match="no checkpoint written for it"):
+        kill_and_resume(*sft_setup, tmp_path, kill_at=None, crash=CrashInsideWindow(1), check_cut=check_cut,
+                        max_epochs=2, limit_val_batches=0, accumulate_grad_batches=2, ckpt=ckpt)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- DPO and reward
 @pytest.fixture()
 def pairs_setup(tokenizer_dir, tiny_config, tmp_path):

@@ -128,6 +128,32 @@ def test_ppo_crashed_between_its_updates_writes_no_checkpoint_and_resumes_from_t
                         max_epochs=1, ckpt=ckpt)  # fmt: skip
 
 
+class CrashAtBatchStart(L.Callback):
+    """Raise in the callbacks' ``on_train_batch_start`` of batch ``batch_idx`` of ``epoch``:
+    Lightning counts the batch as started before this hook, and before the module's."""
+
+    def __init__(self, epoch: int, batch_idx: int):
+        self.epoch, self.batch_idx = epoch, batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
+            raise Killed(f"crashed as batch {batch_idx} of epoch {self.epoch} started")
+
+
+def test_ppo_crashed_between_two_collecting_batches_keeps_the_collected_rollout(exports, tmp_path):
+    # Two batches of prompts a rollout: the crash comes as epoch 1's second batch starts, with
+    # its first batch's rollout in the buffer and no update taken. The exception checkpoint (the
+    # only one) holds that buffer, the state as the first batch ended.
+    make_module = ppo(exports, rollout_batches=2)
+    ckpt = {"every_n_train_steps": 100, "save_on_exception": True}
+
+    def check_cut(state):
+        assert state["mid_batch"] and len(state["ppo_state"]["ranks"][0]["buffer"]["rollouts"]) == 1
+
+    kill_and_resume(make_module, make_data(exports), tmp_path, kill_at=None, crash=CrashAtBatchStart(1, 1),
+                    check_cut=check_cut, max_epochs=2, ckpt=ckpt)  # fmt: skip
+
+
 def test_grpo_killed_at_an_epoch_boundary_resumes_exactly(exports, tmp_path):
     # Four samples a prompt, one optimizer step an iteration: step 4 ends epoch 0.
     def make_module():

@@ -206,8 +206,11 @@ def save_adapter(model: nn.Module, path: str | Path, base_name_or_path: str | No
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    base = os.fspath(base_name_or_path)
+    if os.path.isdir(base):  # a local export: absolute, so that the adapter loads from any directory
+        base = os.path.abspath(base)
     for config in wrapper.peft_config.values():
-        config.base_model_name_or_path = os.fspath(base_name_or_path)
+        config.base_model_name_or_path = base
     wrapper.save_pretrained(os.fspath(path), safe_serialization=True)
     return path
 

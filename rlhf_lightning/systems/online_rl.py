@@ -178,7 +178,7 @@ class OnlineRLModule(PolicySystem):
             adv.overlong_penalty(torch.zeros(1), self.sampling.max_new_tokens, overlong_buffer)
         self.buffer = RolloutBuffer(pad_token_id=self.tokenizer.pad_token_id)
         self.iteration = 0
-        self._state_at_batch_start: dict[str, Any] | None = None  # see on_train_batch_start
+        self._state_after_batch: dict[str, Any] | None = None  # see _mark_batch_end
         self.minibatch_generator = torch.Generator()
         self.learner = Learner(self)
         self.engine: RolloutEngine | None = None
@@ -348,35 +348,25 @@ class OnlineRLModule(PolicySystem):
 
     # ----------------------------------------------------------------------------- checkpoints
     def _iteration_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the iteration loop, as of now (the buffer as a snapshot)."""
-        return {
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "iteration": self.iteration,
-            "next_group": self.engine._next_group if self.engine is not None else 0,
-            "minibatch_generator": self.minibatch_generator.get_state(),
-            "buffer": self.buffer.snapshot(),
-        }
+        """What a checkpoint keeps of the iteration loop as of now; under ``own``, this rank's: its
+        minibatch shuffle and the rollouts it collected towards the next update (a snapshot)."""
+        own = {"minibatch_generator": self.minibatch_generator.get_state(), "buffer": self.buffer.snapshot()}
+        group = self.engine._next_group if self.engine is not None else 0
+        return {"kl_ctl": self.kl_ctl.state_dict(), "iteration": self.iteration, "next_group": group, "own": own}
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        # A checkpoint written on an exception in this batch redoes the batch: it holds this
+    def _mark_batch_end(self) -> None:
+        # A checkpoint written on an exception in the next batch redoes that batch: it holds this
         # state, not one the batch's sampling (group ids, buffer) or learning has moved on.
-        self._state_at_batch_start = self._iteration_state()
-        return super().on_train_batch_start(batch, batch_idx)
+        super()._mark_batch_end()
+        self._state_after_batch = self._iteration_state()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # leaves the frozen models out; RNG streams
-        start = getattr(self, "_state_at_batch_start", None)
-        state = start if checkpoint.get("mid_batch") and start is not None else self._iteration_state()
-        own = {  # each rank's own: its minibatch shuffle and the rollouts it collected towards the next update
-            "minibatch_generator": state["minibatch_generator"],
-            "buffer": self.buffer.state_dict(state["buffer"]),
-        }
-        checkpoint["ppo_state"] = {
-            "kl_ctl": state["kl_ctl"],
-            "iteration": state["iteration"],
-            "next_group": state["next_group"],
-            "ranks": gather_ranks(own),
-        }
+        last = self._state_after_batch
+        state = dict(last if checkpoint.get("mid_batch") and last is not None else self._iteration_state())
+        own = state.pop("own")
+        own = {**own, "buffer": self.buffer.state_dict(own["buffer"])}
+        checkpoint["ppo_state"] = {**state, "ranks": gather_ranks(own)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
