@@ -85,7 +85,7 @@ def checkpoint_extras(ckpt_path: str | Path) -> dict[str, Any]:
     return {}
 
 
-def continue_wandb_runs(trainer_config: Any, ckpt_path: str | Path) -> list[str]:
+def continue_wandb_runs(trainer_config: Any, ckpt_path: str | Path) -> list[Any]:
     """Give each ``WandbLogger`` in ``trainer_config.logger`` (a parsed config, before the
     loggers are built) the id of the run it logged to when ``ckpt_path`` was written, unless
     the config sets one (``id`` or ``version``). Returns the init-args namespaces it set,
