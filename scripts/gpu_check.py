@@ -7,8 +7,9 @@
 The model has Qwen2-0.5B's shape (24 layers, d 896, 14 heads / 2 KV heads, MLP 4864,
 tied embeddings) with random weights and the demo tokenizer's small vocabulary (nothing is
 downloaded), so ~0.36B parameters. Each check runs a Lightning Trainer on one GPU (the
-``*_fsdp2_*`` checks under FSDP2: ``ModelParallelStrategy``, data parallel over the devices,
-here one: the sharded code paths, not a speed-up) and prints one JSON line: step time
+``*_fsdp2_*`` checks under FSDP2: ``ModelParallelStrategy``, data parallel over ``--devices``
+GPUs, by default one: the sharded code paths, not a speed-up) and prints one JSON line (rank
+0's figures, per device): step time
 (median after warm-up), tokens/s and samples/s, peak GPU memory, and MFU against the GPU's
 dense bf16 peak. The FLOPs counted are those the step must do: ``2N`` per token and forward
 pass, ``4N`` per token for a full backward (``2N`` with LoRA: no weight gradients for the
@@ -129,16 +130,19 @@ class Meter:
         }
 
 
-def trainer_for(check: str, steps: int, meter: Meter, precision: str):
+def trainer_for(check: str, steps: int, meter: Meter, precision: str, devices: int = 1):
     import lightning as L
 
-    strategy, devices = "auto", 1
+    strategy = "auto"
     if "fsdp" in check:
-        # FSDP2: the system's configure_model shards the trained model (models/sharding.py).
-        # Lightning's FSDPStrategy (FSDP v1) fails online RL (several policy forwards a step).
+        # FSDP2: the system's configure_model shards its models (models/sharding.py) over
+        # ``devices`` ranks. Lightning's FSDPStrategy (FSDP v1) fails online RL (several policy
+        # forwards a step).
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        devices = 1
     return L.Trainer(
         accelerator="gpu" if SYNC else "cpu",
         devices=devices,
@@ -155,7 +159,7 @@ def trainer_for(check: str, steps: int, meter: Meter, precision: str):
     )
 
 
-def run_check(check: str, root: Path, steps: int, warmup: int, peak: float | None) -> dict:
+def run_check(check: str, root: Path, steps: int, warmup: int, peak: float | None, devices: int = 1) -> dict:
     import lightning as L
     import torch
 
@@ -223,7 +227,8 @@ def run_check(check: str, root: Path, steps: int, warmup: int, peak: float | Non
         torch.cuda.reset_peak_memory_stats()
     # max_steps counts optimizer steps: PPO takes ppo_epochs of them per rollout.
     optimizer_steps = steps * (module.hparams.get("ppo_epochs", 1) if passes is None else 1)
-    trainer = trainer_for(check, optimizer_steps, meter, precision)
+    trainer = trainer_for(check, optimizer_steps, meter, precision, devices)
+    info["devices"] = trainer.num_devices
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     info["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -266,6 +271,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", default=None, help="append the result line to this file")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: a smoke test of this script")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="ranks of the *_fsdp2_* checks (the figures are rank 0's, per device)"
+    )
     args = parser.parse_args()
     root = Path(args.root)
     global SYNC
@@ -282,13 +290,15 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     peak, name = peak_tflops(args.peak_tflops) if SYNC else (None, "cpu")
     try:
-        info = run_check(args.check, root, args.steps, args.warmup, peak)
+        info = run_check(args.check, root, args.steps, args.warmup, peak, args.devices)
         info.update(device=name, peak_bf16_tflops=peak, status="ok")
     except Exception as err:  # one failing check must not hide the others' results
         import traceback
 
         traceback.print_exc()
         info = {"check": args.check, "device": name, "status": f"failed: {type(err).__name__}: {err}"[:600]}
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:  # Lightning's other ranks: rank 0 reports
+        return
     line = json.dumps(info)
     print(line, flush=True)
     if args.json:

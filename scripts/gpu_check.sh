@@ -2,6 +2,7 @@
 # The GPU check (scripts/gpu_check.py): every check in its own process, results as JSON lines.
 #   bash scripts/gpu_check.sh [OUT_DIR]          # on a machine with one CUDA GPU
 #   TINY=1 bash scripts/gpu_check.sh /tmp/out     # the same code paths on the CPU, tiny model
+#   DEVICES=2 bash scripts/gpu_check.sh           # the *_fsdp2_* checks sharded over 2 GPUs
 set -u
 OUT=${1:-gpu_check_out}
 ROOT=${ROOT:-/tmp/gpu_check}
@@ -19,7 +20,7 @@ $PY scripts/gpu_check.py prepare --root "$ROOT" $FLAGS || exit 1
 for check in $CHECKS; do
   echo "=== $check"
   timeout "${CHECK_TIMEOUT:-240}" $PY scripts/gpu_check.py run --root "$ROOT" --check "$check" --steps "$STEPS" \
-    --json "$OUT/gpu_check.jsonl" $FLAGS 2>"$ERR/$check.err" | tail -1
+    --json "$OUT/gpu_check.jsonl" --devices "${DEVICES:-1}" $FLAGS 2>"$ERR/$check.err" | tail -1
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "    exit $rc; last lines of $ERR/$check.err:"; tail -8 "$ERR/$check.err"; }
 done
