@@ -116,7 +116,10 @@ class RLHFSystem(ExactResume, L.LightningModule):
         }
         for name, child in trainable.items():
             if not isinstance(child, PreTrainedModel | RewardModel | ValueHead):
-                raise NotImplementedError(f"FSDP2 cannot shard {name} ({type(child).__name__}) yet")
+                raise NotImplementedError(
+                    f"FSDP2 cannot shard {name} ({type(child).__name__}): only transformers models and the "
+                    "RewardModel/ValueHead wrappers route their calls through FSDP2's weight gathering"
+                )
         for child in trainable.values():
             shard(child, mesh["data_parallel"])
         for name in list(self._frozen):

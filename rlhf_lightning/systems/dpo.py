@@ -127,16 +127,6 @@ class DPOModule(PolicySystem):
         if self.needs_reference:
             self._load_reference()
 
-    def shard_models(self, mesh) -> None:
-        # The reference is freed before the first checkpoint, but a resumed run builds it again
-        # before loading one, and the sharded checkpoint's loader asks for every weight it has.
-        if self.hparams.precompute_ref_logps and self.needs_reference:
-            raise NotImplementedError(
-                "precompute_ref_logps under ModelParallelStrategy (FSDP2) is not supported: a resumed run could "
-                "not load its checkpoint; set precompute_ref_logps=false (the reference is sharded like the policy)"
-            )
-        super().shard_models(mesh)
-
     def _load_reference(self) -> None:
         hp = self.hparams
         if self.reference_is_base:

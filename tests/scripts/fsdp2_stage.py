@@ -93,7 +93,7 @@ def system(stage: str, model: str, tokenizer: str, data: str):
             model=model,
             tokenizer=tokenizer,
             optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
-            precompute_ref_logps=stage == "dpo_cached",  # DDP only: FSDP2 refuses it
+            precompute_ref_logps=stage == "dpo_cached",
         )
         return module, dm, "dpo/loss"
     if stage == "reward_lora":
