@@ -87,7 +87,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     A ``*ForSequenceClassification`` model (reward model, critic) is a ``SEQ_CLS`` task for
     ``peft``: its score head is trained in full and saved with the adapter.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     hf = hf_model(model)
     if lora_wrapper(hf) is not None:
@@ -101,26 +101,27 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         modules_to_save=list(settings.modules_to_save) if settings.modules_to_save else None,
         task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM",
     )
+    _inject(hf, config)
+    return model
+
+
+def _inject(hf: PreTrainedModel, config) -> None:
+    """Adapt ``hf`` in place with the peft ``config``, its wrapper kept beside it."""
+    from peft import get_peft_model
+
     wrapper = get_peft_model(hf, config)
     if wrapper.base_model.model is not hf:  # the whole design relies on injection in place
         raise RuntimeError("peft did not adapt the model in place")
     hf.__dict__[_WRAPPER_ATTR] = wrapper  # beside the model, not a submodule (no cycle, no state-dict keys)
-    return model
 
 
 def copy_lora(source: nn.Module, target: nn.Module) -> nn.Module:
     """Inject into ``target`` (a fresh model of ``source``'s architecture) the adapter layers
     ``source`` carries, same ``peft`` config, so that ``source``'s state dict loads into it."""
-    from peft import get_peft_model
-
     wrapper = lora_wrapper(source)
     if wrapper is None:
         raise ValueError(f"{type(source).__name__} has no LoRA adapter to copy")
-    hf = hf_model(target)
-    new = get_peft_model(hf, copy.deepcopy(wrapper.peft_config["default"]))
-    if new.base_model.model is not hf:
-        raise RuntimeError("peft did not adapt the model in place")
-    hf.__dict__[_WRAPPER_ATTR] = new
+    _inject(hf_model(target), copy.deepcopy(wrapper.peft_config["default"]))
     return target
 
 
